@@ -1,0 +1,206 @@
+"""Load plan: which rows of which checkpoint tensor go to which rows of which model parameter.
+
+The model is built from config.json with transformers' own class, parameters on the meta device.
+The on-disk -> in-model mapping is transformers' own: its checkpoint conversion mapping renames keys
+(WeightRenaming) and fuses tensors (WeightConverter, e.g. per-expert w1/w3 -> experts.gate_up_proj).
+We never hand-write a per-model table. To learn where every source row lands in a fused parameter we
+run the converter's own operations once on tiny *probe* tensors ([rows, 1], each value the global index
+of a source row), so the result's layout is exactly what transformers would build, without reading
+a byte of weights. A conversion that moves data across the last (column) dimension cannot be
+streamed row-wise and is reported as unsupported rather than guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import FLOAT_SOURCE_DTYPES, Checkpoint, TensorInfo
+from .errors import CheckpointError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [src_row, src_row + rows) of checkpoint tensor `key` -> flat rows [dst_row, ...) of the target."""
+
+    key: str
+    src_row: int
+    dst_row: int
+    rows: int
+    shard: int  # index of the checkpoint tensor among the target's sources (per-tensor scales are per shard)
+
+
+@dataclass
+class TargetPlan:
+    name: str  # parameter name in the model
+    shape: tuple[int, ...]
+    pieces: list[Piece] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # checkpoint keys, in shard order
+
+
+@contextmanager
+def params_on_meta():
+    """Create parameters on the meta device while buffers (rotary inv_freq, ...) are computed for real.
+
+    Buffers are tiny and some are not in any checkpoint, so they must come from the constructors.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_meta_model(config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise UnsupportedModelError(f"model_type '{config.model_type}': no causal LM class in transformers ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _conversions(model):
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # older transformers: checkpoints already match module names
+        return [], []
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def _natural_key(key: str):
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
+    """Map every checkpoint tensor onto the (meta) model's parameters; raise on anything that does not fit."""
+    from transformers.core_model_loading import rename_source_key
+
+    meta = dict(model.state_dict(keep_vars=True))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    ignore_unexpected = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    renamings, converters = _conversions(model)
+
+    plans: dict[str, TargetPlan] = {}
+    groups: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
+    for key in sorted(ckpt.tensors, key=_natural_key):
+        info = ckpt.tensors[key]
+        target, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), meta)
+        if pattern is not None:
+            conv = next(c for c in converters if pattern in c.source_patterns)
+            _check_float(info)
+            groups[(id(conv), target)].append((pattern, key))
+            continue
+        if target in tied and target not in _tie_sources(model, tied):
+            continue  # e.g. lm_head.weight saved next to the embedding it is tied to: the tie wins
+        if target not in meta:
+            if any(p.search(key) for p in ignore_unexpected) or "rotary_emb.inv_freq" in key:
+                continue
+            raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (the {type(model).__name__} built from config.json has no parameter '{target}')")
+        expected = tuple(meta[target].shape)
+        if info.shape != expected:
+            raise CheckpointError(f"{info.file}: tensor '{key}' has shape {list(info.shape)} but the model's '{target}' is {list(expected)}")
+        if target in params:
+            _check_float(info)
+        plan = TargetPlan(target, expected, sources=[key])
+        rows = info.shape[0] if info.shape else 1
+        if len(info.shape) > 2:
+            rows = int(torch.Size(info.shape[:-1]).numel())
+        plan.pieces.append(Piece(key, 0, 0, rows, 0))
+        plans[target] = plan
+
+    for (conv_id, target), members in groups.items():
+        conv = next(c for c in converters if id(c) == conv_id)
+        for plan in _probe_converter(model, conv, target, members, ckpt.tensors, meta):
+            plans[plan.name] = plan
+
+    missing = [n for n in params if n not in plans and n not in tied]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: checkpoint has no tensor for parameter '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return plans
+
+
+def _tie_sources(model, tied) -> set[str]:
+    mapping = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(mapping.values()) if isinstance(mapping, dict) else set()
+
+
+def _check_float(info: TensorInfo) -> None:
+    if info.dtype not in FLOAT_SOURCE_DTYPES:
+        raise CheckpointError(f"{info.file}: tensor '{info.key}' has dtype {str(info.dtype).removeprefix('torch.')}, expected a float weight (bf16/fp16/fp32)")
+
+
+def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[TargetPlan]:
+    """Run a WeightConverter's operations on [rows, 1] index tensors to learn each source row's destination."""
+    collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+    row_owner: list[tuple[str, int]] = []  # global probe index -> (key, row)
+    for pattern, key in members:
+        shape = infos[key].shape
+        if len(shape) not in (1, 2):
+            raise UnsupportedModelError(f"{infos[key].file}: tensor '{key}' ({len(shape)}-D) feeds a fused parameter; only 1-D/2-D sources can be streamed")
+        base = len(row_owner)
+        row_owner.extend((key, r) for r in range(shape[0]))
+        probe = torch.arange(base, base + shape[0], dtype=torch.float64)
+        collected[pattern].append(probe.unsqueeze(1) if len(shape) == 2 else probe)
+    out: dict = collected
+    try:
+        for op in conv.operations:
+            out = op.convert(out, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                             full_layer_name=layer_name, model=model, config=model.config, missing_keys=set())
+    except Exception as e:
+        first = members[0][1]
+        raise CheckpointError(f"{infos[first].file}: tensors like '{first}' cannot be fused into '{layer_name}' ({type(e).__name__}: {e})") from None
+
+    full = layer_name.replace("*.", "0.")
+    plans = []
+    for tpat, probe in out.items():
+        prefix, _, suffix = full.partition(tpat) if tpat in full else ("", "", "")
+        name = prefix + tpat + suffix if tpat in full else tpat
+        if name not in meta:
+            raise CheckpointError(f"{infos[members[0][1]].file}: tensors like '{members[0][1]}' convert to '{name}', which the model does not have")
+        shape = tuple(meta[name].shape)
+        srcs = [k for _, k in members]
+        widths = {infos[k].shape[-1] for k in srcs if len(infos[k].shape) == 2}
+        two_d = len(widths) > 0
+        if two_d and (widths != {shape[-1]} or tuple(probe.shape) != shape[:-1] + (1,)):
+            if probe.dim() >= 2 and probe.shape[-1] != 1:
+                raise UnsupportedModelError(f"'{name}': its checkpoint conversion ({', '.join(type(o).__name__ for o in conv.operations)}) moves data across columns; cannot stream it")
+            raise CheckpointError(f"{infos[srcs[0]].file}: tensors like '{srcs[0]}' (width {sorted(widths)}, {len(srcs)} tensors) do not fill '{name}' of shape {list(shape)}")
+        if not two_d and tuple(probe.shape) != shape:
+            raise CheckpointError(f"{infos[srcs[0]].file}: tensors like '{srcs[0]}' do not fill '{name}' of shape {list(shape)}")
+        ids = probe.reshape(-1).to(torch.int64)
+        if ids.unique().numel() != ids.numel():
+            raise UnsupportedModelError(f"'{name}': its checkpoint conversion repeats source rows; cannot stream it")
+        order = {k: i for i, k in enumerate(dict.fromkeys(row_owner[i][0] for i in ids.tolist()))}
+        plan = TargetPlan(name, shape, sources=list(order))
+        run_start, prev = 0, None
+        ids_list = ids.tolist()
+        for dst, gid in enumerate(ids_list + [-1]):
+            if prev is not None and gid == prev + 1 and row_owner[gid][0] == row_owner[prev][0]:
+                prev = gid
+                continue
+            if prev is not None:
+                key, src0 = row_owner[ids_list[run_start]]
+                plan.pieces.append(Piece(key, src0, run_start, dst - run_start, order[key]))
+            run_start, prev = dst, (gid if gid >= 0 else None)
+        plans.append(plan)
+    return plans

@@ -1,0 +1,110 @@
+"""The one place that owns device memory accounting during a load.
+
+CUDA: the peak is torch.cuda.max_memory_allocated (reset before the load), minus what was allocated
+before the load began. CPU: no allocator statistics exist, so the peak is a ledger of the bytes of
+every tensor the loader allocates (final storage + staging), cross-checked against the process's
+anonymous RSS (RssAnon, which excludes the page cache of memory-mapped checkpoint files), sampled at
+every allocation point; the report carries both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import OutOfMemoryError
+
+
+def _rss_anon_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class MemoryLedger:
+    """Tracks final (kept forever) and staging (transient) bytes and measures the device peak."""
+
+    def __init__(self, device: torch.device, staging_bytes: int):
+        self.device = device
+        self.staging_bytes = staging_bytes
+        self.final = 0
+        self.staging = 0
+        self.ledger_peak = 0
+        self.rss_base = None
+        self.rss_peak = 0
+
+    def check_fits(self, final_bytes: int) -> None:
+        need = final_bytes + self.staging_bytes
+        free = free_bytes(self.device)
+        if need > free:
+            raise OutOfMemoryError(
+                f"{self.device}: the FP8 model needs {gib(final_bytes)} + {gib(self.staging_bytes)} staging = {gib(need)}, "
+                f"but only {gib(free)} is free"
+            )
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_base = _rss_anon_bytes()
+        self.sample()
+
+    def add_final(self, nbytes: int) -> None:
+        self.final += nbytes
+        self._note()
+
+    def stage(self, nbytes: int) -> None:
+        self.staging += nbytes
+        self._note()
+
+    def unstage(self, nbytes: int) -> None:
+        self.sample()
+        self.staging -= nbytes
+
+    def _note(self) -> None:
+        self.ledger_peak = max(self.ledger_peak, self.final + self.staging)
+
+    def sample(self) -> None:
+        rss = _rss_anon_bytes()
+        if rss is not None and self.rss_base is not None:
+            self.rss_peak = max(self.rss_peak, rss - self.rss_base)
+
+    @property
+    def measured_by(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        return "ledger of loader tensor bytes (cross-checked with RssAnon)"
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.cuda_base
+        return self.ledger_peak
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) - self.cuda_base
+        return self.final

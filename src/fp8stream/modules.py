@@ -1,0 +1,159 @@
+"""FP8 modules that replace nn.Linear and transformers' fused MoE experts, and the function that swaps them in.
+
+Weights are float8_e4m3fn with float32 scales:
+  fp8_per_channel / fp8_per_tensor: `weight_scale` [..., N] (per-tensor keeps one value per checkpoint
+  shard, broadcast over that shard's rows, so fused q/k/v or gate/up never share a scale);
+  fp8_per_block: `weight_scale` [..., ceil(N/128), ceil(K/128)].
+On CUDA (sm_89+) per-channel / per-tensor run torch._scaled_mm with rowwise scales; everything else
+(CPU, the block scheme, shapes _scaled_mm rejects) runs a reference path that dequantizes the fp8
+operands and multiplies in float32. Both compute the same function.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .quantize import BLOCK, FP8_DTYPE, dequantize, dequantize_activation, quantize_activation
+
+
+def _scale_shape(scheme: str, lead: tuple[int, ...], n: int, k: int) -> tuple[int, ...]:
+    if scheme == "fp8_per_block":
+        return (*lead, math.ceil(n / BLOCK), math.ceil(k / BLOCK))
+    return (*lead, n)
+
+
+def _empty_param(shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _scaled_mm_ok(x: torch.Tensor, n: int, k: int, scheme: str) -> bool:
+    return x.is_cuda and scheme != "fp8_per_block" and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str
+) -> torch.Tensor:
+    """y = dynamic_fp8(x) @ weight^T * scales (+ bias), in x's dtype. weight [N, K] fp8."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    qx, sx = quantize_activation(x2, scheme)
+    if _scaled_mm_ok(x2, n, k, scheme):
+        y = torch._scaled_mm(
+            qx, weight.t(), scale_a=sx, scale_b=weight_scale.view(1, n), bias=bias, out_dtype=x.dtype
+        )
+    else:
+        y = dequantize_activation(qx, sx, scheme) @ dequantize(weight, weight_scale, scheme).t()
+        if bias is not None:
+            y = y + bias.float()
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for nn.Linear holding an fp8 weight and its scales (created on the meta device, filled by the loader)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, dtype: torch.dtype, device="meta"):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.weight = _empty_param((out_features, in_features), FP8_DTYPE, device)
+        self.weight_scale = _empty_param(_scale_shape(scheme, (), out_features, in_features), torch.float32, device)
+        self.bias = _empty_param((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.scheme)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={self.scheme}"
+
+
+class FP8Experts(nn.Module):
+    """Drop-in for transformers' fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn).
+
+    forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], the same
+    contract as the module it replaces: each routed token goes through its expert's gated MLP and
+    the results are summed with the routing weights.
+    """
+
+    def __init__(self, experts: nn.Module, scheme: str, device="meta"):
+        super().__init__()
+        e, two_i, h = experts.gate_up_proj.shape
+        self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
+        self.act_fn = experts.act_fn
+        self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
+        self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
+        self.down_proj = _empty_param((e, h, two_i // 2), FP8_DTYPE, device)
+        self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        flat_experts = top_k_index.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        token_of = order // top_k_index.shape[-1]
+        weight_of = top_k_weights.reshape(-1)[order]
+        start = 0
+        for e, count in enumerate(counts[: self.num_experts]):
+            if count == 0:
+                continue
+            tokens = token_of[start : start + count]
+            x = hidden_states[tokens]
+            gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme).chunk(2, dim=-1)
+            y = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale[e], None, self.scheme)
+            out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
+            start += count
+        return out
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3
+
+
+def _check_standard_experts(name: str, module: nn.Module) -> None:
+    e, two_i, h = module.gate_up_proj.shape
+    if getattr(module, "has_bias", False) or getattr(module, "is_transposed", False) or not hasattr(module, "act_fn"):
+        raise UnsupportedModelError(
+            f"{name} ({type(module).__name__}): experts with biases / transposed layout / custom gating are not "
+            "supported in FP8; keep them in full precision with --ignore"
+        )
+    if tuple(module.down_proj.shape) != (e, h, two_i // 2) or two_i % 2:
+        raise UnsupportedModelError(f"{name}: unexpected experts shapes {tuple(module.gate_up_proj.shape)} / {tuple(module.down_proj.shape)}")
+
+
+def replace_with_fp8(
+    model: nn.Module, scheme: str, ignore: Iterable[str], dtype: torch.dtype
+) -> tuple[list[str], list[str]]:
+    """Swap every covered nn.Linear / fused experts module of a meta-device model for its FP8 version.
+
+    A module is kept in full precision when a regex in `ignore` matches its name (re.search), or when
+    it is an nn.Linear whose in/out features are not multiples of 16 (the FP8 GEMM's constraint; such
+    layers are tiny: routers, shared-expert gates). Returns (quantized module names, kept Linear names).
+    """
+    patterns = [re.compile(p) for p in ignore]
+    quantized, kept = [], []
+    for name, module in list(model.named_modules()):
+        is_linear = isinstance(module, nn.Linear)
+        is_experts = not is_linear and _is_fused_experts(module)
+        if not (is_linear or is_experts):
+            continue
+        if any(p.search(name) for p in patterns):
+            kept.append(name)
+            continue
+        if is_linear:
+            if module.in_features % 16 or module.out_features % 16:
+                kept.append(name)
+                continue
+            new = FP8Linear(module.in_features, module.out_features, module.bias is not None, scheme, dtype)
+        else:
+            _check_standard_experts(name, module)
+            new = FP8Experts(module, scheme)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        quantized.append(name)
+    return quantized, kept

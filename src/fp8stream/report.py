@@ -1,0 +1,38 @@
+"""The load report: what a load cost and what it produced."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .memory import gib
+
+
+@dataclass
+class LoadReport:
+    device: str
+    scheme: str
+    peak_bytes: int  # device memory allocated during the load, at its highest (see peak_measured_by)
+    final_bytes: int  # device memory the loaded model holds
+    full_precision_bytes: int  # the model's parameters at the checkpoint's dtype
+    staging_bytes: int  # the staging bound in force: peak <= final + staging
+    load_seconds: float
+    quantized_tensors: int
+    kept_tensors: int
+    peak_measured_by: str
+    host_rss_anon_peak_delta_bytes: int  # process anonymous RSS growth during the load (cross-check on CPU)
+    load_format: str = "auto"
+    quantized_modules: list[str] = field(default_factory=list)
+    kept_modules: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def summary(self) -> str:
+        over = self.peak_bytes - self.final_bytes
+        return (
+            f"fp8stream {self.scheme} on {self.device}: full precision {gib(self.full_precision_bytes)} -> "
+            f"final {gib(self.final_bytes)}, peak {gib(self.peak_bytes)} (final + {over / 2**20:.1f} MiB; "
+            f"bound final + {self.staging_bytes / 2**20:.0f} MiB), {self.quantized_tensors} tensors quantized, "
+            f"{self.kept_tensors} kept, {self.load_seconds:.2f} s"
+        )
