@@ -353,7 +353,7 @@ def load(
                     n_kept += 1
             for module in model.modules():
                 for name, buf in list(module._buffers.items()):
-                    if buf is not None and buf.device != dev:
+                    if buf is not None:  # constructed buffers (rotary inv_freq, ...) are part of the final footprint
                         module._buffers[name] = buf.to(dev)
                         ledger.add_final(buf.nbytes)
         model.tie_weights()

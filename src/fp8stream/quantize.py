@@ -92,10 +92,11 @@ def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
         return q, scale
     x32 = x.float()
     if scheme == "fp8_per_tensor":
-        scale = scale_from_amax(x32.abs().amax()).reshape(1, 1).expand(m, 1)
+        scale = scale_from_amax(x32.abs().amax()).reshape(1, 1).expand(m, 1).contiguous()
     else:
         scale = scale_from_amax(x32.abs().amax(dim=-1, keepdim=True))
-    return _to_fp8(x32, scale), scale.contiguous()
+    # Out of place: x is the caller's activation (x.float() of a float32 tensor is x itself).
+    return (x32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:

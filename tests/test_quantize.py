@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from fp8stream.quantize import (
+    BLOCK, FP8_DTYPE, FP8_MAX, dequantize, dequantize_activation, quantize_activation, quantize_blocks, quantize_rows,
+)
+
+# e4m3 keeps 3 mantissa bits: round-to-nearest error <= 2^-4 relative for normals; below the
+# smallest normal (2^-6) the absolute step is 2^-9, so the absolute error is <= 2^-10 * scale.
+REL, ABS_STEPS = 2.0**-4, 2.0**-10
+
+
+def _within_fp8(x, deq, scale_full):
+    err = (deq.double() - x.double()).abs()
+    bound = REL * x.double().abs() + ABS_STEPS * scale_full.double() + 1e-30
+    return bool((err <= bound * (1 + 1e-6)).all())
+
+
+def test_rows_roundtrip_and_scale():
+    x = torch.randn(37, 96) * torch.logspace(-3, 3, 37).unsqueeze(1)
+    q, s = quantize_rows(x.clone())
+    assert q.dtype == FP8_DTYPE and s.shape == (37,)
+    assert torch.allclose(s, x.abs().amax(1) / FP8_MAX)
+    assert q.float().abs().amax(1).eq(FP8_MAX).all()  # the largest element of each row maps to 448
+    assert _within_fp8(x, dequantize(q, s, "fp8_per_channel"), s.unsqueeze(1).expand_as(x))
+
+
+def test_zero_rows_and_blocks_get_safe_scales():
+    x = torch.randn(300, 260)
+    x[5] = 0
+    x[128:256, 128:256] = 0
+    q, s = quantize_rows(x.clone())
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert dequantize(q, s, "fp8_per_channel")[5].eq(0).all()
+    qb, sb = quantize_blocks(x.clone())
+    assert torch.isfinite(sb).all() and (sb > 0).all()
+    d = dequantize(qb, sb, "fp8_per_block")
+    assert torch.isfinite(d).all() and d[128:256, 128:256].eq(0).all()
+
+
+def test_nan_and_inf_show_in_scales():
+    x = torch.randn(4, 32)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    _, s = quantize_rows(x.clone())
+    assert not torch.isfinite(s[1]) and not torch.isfinite(s[2]) and torch.isfinite(s[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (100, 130), (1, 5)])
+def test_blocks_partial_edges(shape):
+    x = torch.randn(*shape) * 3
+    q, s = quantize_blocks(x.clone())
+    assert s.shape == (math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK))
+    for bi in range(s.shape[0]):
+        for bj in range(s.shape[1]):
+            tile = x[bi * BLOCK : (bi + 1) * BLOCK, bj * BLOCK : (bj + 1) * BLOCK]
+            assert torch.isclose(s[bi, bj], tile.abs().amax() / FP8_MAX)
+    from fp8stream.quantize import expand_block_scale
+
+    assert _within_fp8(x, dequantize(q, s, "fp8_per_block"), expand_block_scale(s, *shape))
+
+
+@pytest.mark.parametrize("scheme", ["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"])
+def test_activation_quantization(scheme):
+    x = torch.randn(9, 200, dtype=torch.bfloat16) * torch.logspace(-2, 2, 9, dtype=torch.bfloat16).unsqueeze(1)
+    q, s = quantize_activation(x, scheme)
+    assert q.shape == x.shape and q.dtype == FP8_DTYPE
+    expected = {"fp8_per_channel": (9, 1), "fp8_per_tensor": (9, 1), "fp8_per_block": (9, 2)}[scheme]
+    assert s.shape == expected
+    d = dequantize_activation(q, s, scheme)
+    full = s.repeat_interleave(BLOCK, -1)[:, :200] if scheme == "fp8_per_block" else s.expand_as(d)
+    assert _within_fp8(x.float(), d, full)
+    if scheme == "fp8_per_tensor":
+        assert s.unique().numel() == 1
