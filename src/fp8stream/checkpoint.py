@@ -62,8 +62,15 @@ class Checkpoint:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"'weight_map' is a {type(weight_map).__name__}, not an object")
+                bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+                if bad is not None:
+                    raise TypeError(f"tensor '{bad[0]}' maps to {bad[1]!r}, not a shard file name")
                 names = sorted(set(weight_map.values()))
+            except OSError as e:
+                raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
             files = []
@@ -86,8 +93,10 @@ class Checkpoint:
             return
         for key, name in self._index_map.items():
             info = self.tensors.get(key)
-            if info is None or info.file.name != name:
+            if info is None:
                 raise CheckpointError(f"{self.path / name}: tensor '{key}' listed in the index is not in this shard")
+            if info.file.name != name:
+                raise CheckpointError(f"{self.path / name}: tensor '{key}' listed in the index is not in this shard (it is in {info.file.name})")
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor (dim 0), as a fresh host tensor in the checkpoint's dtype."""
@@ -101,41 +110,74 @@ class Checkpoint:
             self._handles[info.file] = handle
         try:
             sl = handle.get_slice(key)
-            return sl[start:stop] if info.shape else sl[...]
+            rows = sl[start:stop] if info.shape else sl[...]
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor '{key}' ({e})") from None
+        # safetensors parsed the header itself; never hand on rows that disagree with the header we validated
+        want = (min(stop, info.shape[0]) - min(start, info.shape[0]), *info.shape[1:]) if info.shape else ()
+        if rows.dtype != info.dtype or tuple(rows.shape) != want:
+            raise CheckpointError(f"{info.file}: tensor '{key}' read as {str(rows.dtype).removeprefix('torch.')}{list(rows.shape)}, header says {str(info.dtype).removeprefix('torch.')}{list(want)} (file changed while loading?)")
+        return rows
 
     def close(self) -> None:
         self._handles.clear()
 
 
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _read_header(file: Path) -> list[TensorInfo]:
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated ({size} bytes, shorter than the 8-byte header length)")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > _MAX_HEADER or 8 + hlen > size:
-            raise CheckpointError(f"{file}: header length {hlen} is out of range for a file of {size} bytes")
-        raw = f.read(hlen)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file}: truncated ({size} bytes, shorter than the 8-byte header length)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > _MAX_HEADER or 8 + hlen > size:
+                raise CheckpointError(f"{file}: header length {hlen} is out of range for a file of {size} bytes")
+            raw = f.read(hlen)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror or e})") from None
+    if len(raw) != hlen:
+        raise CheckpointError(f"{file}: truncated while reading its {hlen}-byte header")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{file}: header lists '{e.args[0]}' more than once") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{file}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: header is not a JSON object")
+    file_meta = header.get("__metadata__")
+    if file_meta is not None and not (isinstance(file_meta, dict) and all(isinstance(v, str) for v in file_meta.values())):
+        raise CheckpointError(f"{file}: header '__metadata__' is not a map of strings")
     data_size = size - 8 - hlen
     infos, spans = [], []
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype_name, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: tensor '{key}' has a malformed header entry") from None
+        # exact JSON types only (no 1.0 for 1, no "3" for 3): what we validate must be what safetensors reads
+        ok = isinstance(meta, dict) and {"dtype", "shape", "data_offsets"} <= set(meta)
+        dtype_name, shape, offsets = (meta["dtype"], meta["shape"], meta["data_offsets"]) if ok else (None, None, None)
+        if not (ok and isinstance(dtype_name, str) and isinstance(shape, list) and all(_is_int(d) for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise CheckpointError(f"{file}: tensor '{key}' has a malformed header entry {json.dumps(meta)[:200]}")
+        shape, (begin, end) = tuple(shape), offsets
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise CheckpointError(f"{file}: tensor '{key}' has unknown dtype '{dtype_name}'")

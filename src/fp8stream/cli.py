@@ -72,7 +72,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 def _run(args) -> int:
     if args.command == "load":
-        model = _load(args, progress=not args.json)
+        model = _load(args, progress=not args.json and sys.stderr.isatty())  # no bar residue in redirected stderr
         rep = model.fp8stream_report
         print(rep.to_json() if args.json else rep.summary())
         return 0
@@ -85,7 +85,7 @@ def _run(args) -> int:
             tok = AutoTokenizer.from_pretrained(args.path, local_files_only=True)
         except Exception as e:
             raise CheckpointError(f"{args.path}: no usable tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-        model = _load(args, progress=True)
+        model = _load(args, progress=sys.stderr.isatty())
         print(model.fp8stream_report.summary(), file=sys.stderr)
         print(generate_text(model, tok, args.prompt, args.max_new_tokens))
         return 0

@@ -87,7 +87,8 @@ def _conversions(model):
 
 
 def _natural_key(key: str):
-    return [int(p) if p.isdigit() else p for p in key.split(".")]
+    # (0, n) for a number, (1, text) otherwise: a key with 'x0' where others have '0' must still sort, not raise
+    return [(0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in key.split(".")], key
 
 
 def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
@@ -105,6 +106,9 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
     for key in sorted(ckpt.tensors, key=_natural_key):
         info = ckpt.tensors[key]
         target, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), meta)
+        loose = _loose_match(key, renamings, converters)
+        if loose is not None:
+            raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (it only loosely resembles the checkpoint name pattern '{loose}')")
         if pattern is not None:
             conv = next(c for c in converters if pattern in c.source_patterns)
             _check_float(info)
@@ -121,6 +125,8 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
             raise CheckpointError(f"{info.file}: tensor '{key}' has shape {list(info.shape)} but the model's '{target}' is {list(expected)}")
         if target in params:
             _check_float(info)
+        if target in plans:
+            raise CheckpointError(f"{info.file}: tensors '{plans[target].sources[0]}' and '{key}' both map to the model's '{target}'")
         plan = TargetPlan(target, expected, sources=[key])
         rows = info.shape[0] if info.shape else 1
         if len(info.shape) > 2:
@@ -129,14 +135,103 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
         plans[target] = plan
 
     for (conv_id, target), members in groups.items():
+        module = target.rpartition(".")[0]
+        if target not in meta and not any(k.startswith(module + ".") for k in meta):
+            key = members[0][1]
+            raise CheckpointError(f"{ckpt.tensors[key].file}: unexpected tensor '{key}' (the {type(model).__name__} built from config.json has no '{target}')")
+    for (conv_id, target), members in groups.items():
         conv = next(c for c in converters if id(c) == conv_id)
+        members = _expert_members(conv, target, members, ckpt, renamings, meta)
         for plan in _probe_converter(model, conv, target, members, ckpt.tensors, meta):
+            if plan.name in plans:
+                raise CheckpointError(f"{ckpt.tensors[plans[plan.name].sources[0]].file}: tensor '{plans[plan.name].sources[0]}' and tensors like '{members[0][1]}' both map to the model's '{plan.name}'")
             plans[plan.name] = plan
 
     missing = [n for n in params if n not in plans and n not in tied]
     if missing:
         raise CheckpointError(f"{ckpt.path}: checkpoint has no tensor for parameter '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return plans
+
+
+def _loose_match(key: str, renamings, converters) -> str | None:
+    """The rename/convert pattern that matched `key` only because transformers matches its patterns as
+    regexes ('.block_sparse_moe.' also matches ':block_sparse_moe.'), or None: a misspelled key must not be
+    renamed into a real parameter name."""
+    k = key
+    for i, t in enumerate(list(renamings) + list(converters)):
+        scoped = getattr(t, "_scoped_match", None)
+        if scoped is None:
+            return None
+        matched = scoped(k)
+        if matched is None:
+            continue
+        m = matched[2]
+        group = next((g for g, v in m.groupdict().items() if v is not None), None)
+        if group is None or not group[1:].isdigit():
+            return None
+        pattern = t.source_patterns[int(group[1:])]
+        if re.fullmatch(r"[\w.*]+", pattern) and not re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), m.group(group)):
+            return pattern
+        if i >= len(renamings):
+            return None  # at most one converter applies
+        k = t.rename_source_key(k)[0]
+    return None
+
+
+def _expert_regex(pattern: str) -> re.Pattern | None:
+    """'mlp.experts.*.up_proj.weight' -> strict regex (group 1: the expert index); None if not a plain wildcard name."""
+    if "*" not in pattern or not re.fullmatch(r"[\w.*]+", pattern):
+        return None
+    body = r"(\d+)".join(re.escape(part) for part in pattern.split("*"))
+    return re.compile(("" if pattern.startswith(".") else r"(?<![^.])") + body + "$", re.ASCII)
+
+
+def _expert_members(conv, target: str, members: list[tuple[str, str]], ckpt: Checkpoint, renamings, meta) -> list[tuple[str, str]]:
+    """Per-expert sources of one fused parameter, checked and put in (source pattern, expert index) order.
+
+    The converters stack whatever tensors they are given in list order and match keys loosely
+    ('.experts.*.w1.weight' is a regex), so a renumbered, duplicated, misspelled or missing expert key
+    would otherwise shift experts into the wrong slots silently. Every source pattern must have exactly
+    experts 0..N-1.
+    """
+    regexes = {p: _expert_regex(p) for p in conv.source_patterns}
+    if any(rx is None for rx in regexes.values()):
+        return members
+    try:
+        from transformers.core_model_loading import apply_renamings
+    except ImportError:
+        def apply_renamings(key, _renamings):
+            return key
+
+    found: dict[str, dict[int, str]] = {p: {} for p in conv.source_patterns}
+    experts = meta[target].shape[0] if target in meta and meta[target].dim() == 3 else None  # stacked [E, rows, cols]
+    prefixes: dict[str, str] = {}
+    for pattern, key in members:
+        rx = regexes.get(pattern)
+        m = rx.search(key) if rx else None
+        if m is None and rx is not None:
+            renamed = apply_renamings(key, renamings)
+            m = rx.search(renamed)
+            name = renamed
+        else:
+            name = key
+        if m is None:
+            raise CheckpointError(f"{ckpt.tensors[key].file}: unexpected tensor '{key}' (not a per-expert name matching '{pattern}')")
+        idx = int(m.group(1))
+        if experts is not None and idx >= experts:
+            raise CheckpointError(f"{ckpt.tensors[key].file}: unexpected tensor '{key}' (expert {idx}, but the model's '{target}' has {experts} experts)")
+        if idx in found[pattern]:
+            raise CheckpointError(f"{ckpt.tensors[key].file}: tensors '{found[pattern][idx]}' and '{key}' are both expert {idx} of '{target}'")
+        found[pattern][idx] = key
+        prefixes.setdefault(pattern, name[: m.start()])
+    n = 1 + max((max(d) for d in found.values() if d), default=-1)
+    any_prefix = next(iter(prefixes.values()), "")
+    for pattern, have in found.items():
+        for i in range(n):
+            if i not in have:
+                missing = prefixes.get(pattern, any_prefix) + pattern.replace("*", str(i))
+                raise CheckpointError(f"{ckpt.path}: checkpoint has no tensor '{missing}' (expert {i} of {n} for the model's '{target}')")
+    return [(p, found[p][i]) for p in conv.source_patterns for i in range(n)]
 
 
 def _tie_sources(model, tied) -> set[str]:

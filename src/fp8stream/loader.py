@@ -9,6 +9,7 @@ whatever the model size or the largest tensor.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -70,11 +71,20 @@ def _load_config(path: Path):
         raise CheckpointError(f"{path}: not a directory" if path.exists() else f"{path}: no such file or directory")
     if not cfg.is_file():
         raise CheckpointError(f"{cfg}: missing (every checkpoint directory needs a config.json)")
+    try:  # our own parse first: transformers' message for bad JSON does not say where
+        doc = json.loads(cfg.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{cfg}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{cfg}: not a JSON object")
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises ValueError/KeyError/OSError with multi-line text
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{cfg}: {first}") from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        n = next((i for i, ln in enumerate(lines) if not ln.endswith(":")), len(lines) - 1)
+        raise CheckpointError(f"{cfg}: {' '.join(lines[: n + 1])}") from None  # "field 'x':" needs its next line
 
 
 def _targets(model: nn.Module, plans: dict[str, TargetPlan] | None) -> list[_Target]:
@@ -208,6 +218,10 @@ def _load_quantized(t: _Target, src: _Source, ledger: MemoryLedger, scheme: str,
             s.view(-1)[d0:d1] = rs
             bad = ~torch.isfinite(rs)
         if bad.any():
+            if block and src.ckpt is not None:  # a block's 128 rows may come from several tensors: find the row itself
+                rows = src.rows(t.plan, d0, d1, k, t.name)
+                exact = ~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)
+                bad = exact if exact.any() else bad
             raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name))
         w_flat[d0:d1] = q
         del x, q
@@ -276,7 +290,12 @@ def _load_kept(t: _Target, src: _Source, ledger: MemoryLedger, dtype: torch.dtyp
             if x.is_floating_point() and not torch.isfinite(x).all():
                 bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
                 raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name))
-            dst_flat[d0:d1].copy_(x.to(out_dtype).reshape(dst_flat[d0:d1].shape))  # converted on the host: no device temporary
+            y = x.to(out_dtype)  # converted on the host: no device temporary
+            if y.is_floating_point() and y.dtype != x.dtype and not torch.isfinite(y).all():
+                bad = ~torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
+                raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name).replace(
+                    "contains NaN or Inf", f"has values too large for {str(out_dtype).removeprefix('torch.')}"))
+            dst_flat[d0:d1].copy_(y.reshape(dst_flat[d0:d1].shape))
             ledger.sample()
     t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
 
@@ -310,7 +329,13 @@ def load(
     if ckpt is not None:
         ckpt.check_index()
 
-    model = build_meta_model(config, dtype)
+    try:
+        model = build_meta_model(config, dtype)
+    except Fp8StreamError:
+        raise
+    except Exception as e:  # config values transformers' validation lets through (negative sizes, unknown rope type...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path / 'config.json'}: cannot build the {config.model_type} model it describes ({type(e).__name__}: {first})") from None
     src_itemsize = dtype.itemsize
     if ckpt is not None:
         float_sizes = [i.dtype.itemsize for i in ckpt.tensors.values() if i.dtype.is_floating_point]

@@ -44,9 +44,14 @@ def fp8_linear(
     x2 = x.reshape(-1, k)
     qx, sx = quantize_activation(x2, scheme)
     if _scaled_mm_ok(x2, n, k, scheme):
+        # Rowwise-scaled FP8 GEMM only produces bf16; other model dtypes are cast afterwards.
+        fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
         y = torch._scaled_mm(
-            qx, weight.t(), scale_a=sx, scale_b=weight_scale.view(1, n), bias=bias, out_dtype=x.dtype
+            qx, weight.t(), scale_a=sx, scale_b=weight_scale.view(1, n), bias=fused_bias, out_dtype=torch.bfloat16
         )
+        if bias is not None and fused_bias is None:
+            y = y + bias
+        y = y.to(x.dtype)
     else:
         y = dequantize_activation(qx, sx, scheme) @ dequantize(weight, weight_scale, scheme).t()
         if bias is not None:
