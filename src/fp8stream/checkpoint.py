@@ -1,8 +1,8 @@
 """Checkpoint reading: validate a Hugging Face safetensors checkpoint and read row ranges of its tensors.
 
 Headers are parsed and checked here (so every fault is reported as one line naming the file and the
-tensor) before anything is read; tensor bytes are then read through safetensors' own `safe_open`
-slices, which copy only the requested rows.
+tensor) before anything is read; tensor bytes are then read with positional reads of exactly the
+byte ranges the header gives, straight into the caller's (pinned) staging buffer.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError
 
@@ -26,6 +27,7 @@ _DTYPES = {
 }
 FLOAT_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_READ_PART = 8 * 1024 * 1024  # bytes per positional read: big enough to stream, small enough to spread over threads
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,29 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # absolute file offset of the tensor's first byte
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one flat row (the last dim; one element of a 1-D tensor; all of a scalar).
+
+        Flat rows of a contiguous tensor are contiguous in the file, so any range of them is one read.
+        """
+        if len(self.shape) >= 2:
+            return self.shape[-1] * self.dtype.itemsize
+        return self.dtype.itemsize if self.shape else self.nbytes
+
+    @property
+    def flat_shape(self) -> tuple[int, ...]:
+        if len(self.shape) >= 2:
+            return (self.nbytes // self.row_bytes if self.row_bytes else 0, self.shape[-1])
+        return self.shape
 
 
 class Checkpoint:
     """A checkpoint directory: config.json plus model.safetensors or sharded model-*.safetensors with an index."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, read_threads: int = 8):
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
@@ -56,7 +75,10 @@ class Checkpoint:
                 if info.key in self.tensors:
                     raise CheckpointError(f"{file}: tensor '{info.key}' also stored in {self.tensors[info.key].file.name}")
                 self.tensors[info.key] = info
-        self._handles: dict[Path, object] = {}
+        self.read_threads = read_threads
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _shard_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -98,29 +120,67 @@ class Checkpoint:
             if info.file.name != name:
                 raise CheckpointError(f"{self.path / name}: tensor '{key}' listed in the index is not in this shard (it is in {info.file.name})")
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor (dim 0), as a fresh host tensor in the checkpoint's dtype."""
-        info = self.tensors[key]
-        handle = self._handles.get(info.file)
-        if handle is None:
+    def read_into(self, reads: list[tuple[str, int, int, torch.Tensor]]) -> None:
+        """Fill each `out` (a uint8 host tensor) with flat rows [start, stop) of `key`, as raw bytes.
+
+        Each row range is one contiguous byte range of its file (the header gives the offsets), read
+        with positional reads split into parts that a small thread pool runs in parallel: the page
+        cache is read by several cores and nothing is memory-mapped, so no file pages pile up in RSS.
+        """
+        jobs = []
+        for key, start, stop, out in reads:
+            info = self.tensors[key]
+            begin = info.offset + start * info.row_bytes
+            nbytes = (stop - start) * info.row_bytes
+            if out.numel() != nbytes:
+                raise ValueError(f"buffer of {out.numel()} bytes for {nbytes} bytes of '{key}'")
+            view = memoryview(out.numpy())
+            for part in range(0, nbytes, _READ_PART):
+                jobs.append((info, begin + part, view[part : min(part + _READ_PART, nbytes)]))
+        if len(jobs) == 1:
+            self._pread(*jobs[0])
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="fp8stream-read")
+        for future in [self._pool.submit(self._pread, *job) for job in jobs]:
+            future.result()
+
+    def _pread(self, info: TensorInfo, offset: int, view: memoryview) -> None:
+        fd = self._fds.get(info.file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    try:
+                        fd = os.open(info.file, os.O_RDONLY)
+                    except OSError as e:
+                        raise CheckpointError(f"{info.file}: cannot open ({e.strerror or e})") from None
+                    self._fds[info.file] = fd
+        done = 0
+        while done < len(view):
             try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types; keep the message, name the file
-                raise CheckpointError(f"{info.file}: cannot open ({e})") from None
-            self._handles[info.file] = handle
-        try:
-            sl = handle.get_slice(key)
-            rows = sl[start:stop] if info.shape else sl[...]
-        except Exception as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor '{key}' ({e})") from None
-        # safetensors parsed the header itself; never hand on rows that disagree with the header we validated
-        want = (min(stop, info.shape[0]) - min(start, info.shape[0]), *info.shape[1:]) if info.shape else ()
-        if rows.dtype != info.dtype or tuple(rows.shape) != want:
-            raise CheckpointError(f"{info.file}: tensor '{key}' read as {str(rows.dtype).removeprefix('torch.')}{list(rows.shape)}, header says {str(info.dtype).removeprefix('torch.')}{list(want)} (file changed while loading?)")
-        return rows
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise CheckpointError(f"{info.file}: cannot read tensor '{info.key}' ({e.strerror or e})") from None
+            if n == 0:
+                raise CheckpointError(f"{info.file}: ends inside tensor '{info.key}' (file truncated while loading?)")
+            done += n
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Flat rows [start, stop) of a tensor ([rows, last dim]; elements of a 1-D tensor), as a fresh host tensor."""
+        info = self.tensors[key]
+        rows = (stop - start) if info.shape else 1
+        out = torch.empty(rows * info.row_bytes, dtype=torch.uint8)
+        self.read_into([(key, start, stop if info.shape else 1, out)])
+        return out.view(info.dtype).reshape((rows, *info.flat_shape[1:]) if info.shape else ())
 
     def close(self) -> None:
-        self._handles.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _no_duplicates(pairs):
@@ -194,7 +254,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
         if end - begin != nbytes:
             raise CheckpointError(f"{file}: tensor '{key}' occupies {end - begin} bytes but {dtype_name}{list(shape)} needs {nbytes}")
         spans.append((begin, end, key))
-        infos.append(TensorInfo(key, file, dtype, shape, nbytes))
+        infos.append(TensorInfo(key, file, dtype, shape, nbytes, 8 + hlen + begin))
     spans.sort()
     for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:

@@ -247,13 +247,14 @@ def _check_float(info: TensorInfo) -> None:
 def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[TargetPlan]:
     """Run a WeightConverter's operations on [rows, 1] index tensors to learn each source row's destination."""
     collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-    row_owner: list[tuple[str, int]] = []  # global probe index -> (key, row)
+    keys = [key for _, key in members]
+    bases = [0]  # source i owns global probe indices [bases[i], bases[i + 1])
     for pattern, key in members:
         shape = infos[key].shape
         if len(shape) not in (1, 2):
             raise UnsupportedModelError(f"{infos[key].file}: tensor '{key}' ({len(shape)}-D) feeds a fused parameter; only 1-D/2-D sources can be streamed")
-        base = len(row_owner)
-        row_owner.extend((key, r) for r in range(shape[0]))
+        base = bases[-1]
+        bases.append(base + shape[0])
         probe = torch.arange(base, base + shape[0], dtype=torch.float64)
         collected[pattern].append(probe.unsqueeze(1) if len(shape) == 2 else probe)
     out: dict = collected
@@ -283,19 +284,20 @@ def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[Targ
         if not two_d and tuple(probe.shape) != shape:
             raise CheckpointError(f"{infos[srcs[0]].file}: tensors like '{srcs[0]}' do not fill '{name}' of shape {list(shape)}")
         ids = probe.reshape(-1).to(torch.int64)
-        if ids.unique().numel() != ids.numel():
+        if int(torch.bincount(ids, minlength=bases[-1]).max()) > 1:
             raise UnsupportedModelError(f"'{name}': its checkpoint conversion repeats source rows; cannot stream it")
-        order = {k: i for i, k in enumerate(dict.fromkeys(row_owner[i][0] for i in ids.tolist()))}
-        plan = TargetPlan(name, shape, sources=list(order))
-        run_start, prev = 0, None
-        ids_list = ids.tolist()
-        for dst, gid in enumerate(ids_list + [-1]):
-            if prev is not None and gid == prev + 1 and row_owner[gid][0] == row_owner[prev][0]:
-                prev = gid
-                continue
-            if prev is not None:
-                key, src0 = row_owner[ids_list[run_start]]
-                plan.pieces.append(Piece(key, src0, run_start, dst - run_start, order[key]))
-            run_start, prev = dst, (gid if gid >= 0 else None)
+        # Vectorised: which source each destination row comes from, and where runs of consecutive rows of
+        # one source start (a fused expert parameter has ~100k rows; a Python loop per row is too slow).
+        starts = torch.tensor(bases, dtype=torch.int64)
+        src = torch.searchsorted(starts, ids, right=True) - 1
+        breaks = torch.ones(ids.numel(), dtype=torch.bool)
+        breaks[1:] = (ids[1:] != ids[:-1] + 1) | (src[1:] != src[:-1])
+        run_dst = breaks.nonzero().flatten()
+        run_len = torch.diff(run_dst, append=torch.tensor([ids.numel()]))
+        first_seen = dict.fromkeys(src[run_dst].tolist())  # sources in destination order = shard order
+        shard_of = {s_: i for i, s_ in enumerate(first_seen)}
+        plan = TargetPlan(name, shape, sources=[keys[s_] for s_ in first_seen])
+        for d0, n, s_, g in zip(run_dst.tolist(), run_len.tolist(), src[run_dst].tolist(), ids[run_dst].tolist()):
+            plan.pieces.append(Piece(keys[s_], g - bases[s_], d0, n, shard_of[s_]))
         plans.append(plan)
     return plans

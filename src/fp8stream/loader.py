@@ -138,11 +138,21 @@ def _chunks(flat_rows: int, rows_per_slice: int, step: int, per_slice: bool):
 
 
 class _Source:
-    """Rows of checkpoint tensors, read through the plan's pieces (or random rows for dummy loads)."""
+    """Destination rows of a parameter: checkpoint rows gathered through the plan's pieces into a host
+    staging buffer, then copied to the device (random rows for dummy loads).
+
+    On CUDA two pinned host buffers alternate, so the positional reads of the next
+    chunk run while the device still copies and quantizes the previous one; an event per buffer
+    says when its copy has finished and it may be refilled.
+    """
 
     def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.gen = torch.Generator(device=device).manual_seed(seed) if ckpt is None else None
+        self._cuda = device.type == "cuda"
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._events: list = [None, None]
+        self._turn = 0
 
     def itemsize(self, plan: TargetPlan | None) -> int:
         if plan is None:
@@ -150,28 +160,56 @@ class _Source:
         return max(self.ckpt.tensors[k].dtype.itemsize for k in plan.sources)
 
     def key_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Flat rows [start, stop) of one checkpoint tensor, as [rows, width] (or [rows] for 1-D)."""
-        info = self.ckpt.tensors[key]
-        if len(info.shape) <= 2:
-            return self.ckpt.read_rows(key, start, stop)
-        inner = math.prod(info.shape[1:-1])
-        e0, e1 = start // inner, -(-stop // inner)
-        rows = self.ckpt.read_rows(key, e0, e1).reshape(-1, info.shape[-1])
-        return rows[start - e0 * inner : stop - e0 * inner]
+        """Flat rows [start, stop) of one checkpoint tensor, on the device."""
+        return self._to_device(*self._gather([(key, start, stop)], self.ckpt.tensors[key].dtype))
 
     def rows(self, plan: TargetPlan | None, d0: int, d1: int, width: int | None, name: str) -> torch.Tensor:
-        """Destination rows [d0, d1) assembled on the host from the pieces that cover them."""
+        """Destination rows [d0, d1) on the device, in the checkpoint's dtype."""
         if plan is None:  # dummy: random rows generated straight on the device
             shape = (d1 - d0, width) if width else (d1 - d0,)
             return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype).mul_(0.02)
-        parts = []
+        reads = []
         for p in plan.pieces:
             lo, hi = max(d0, p.dst_row), min(d1, p.dst_row + p.rows)
             if lo < hi:
-                parts.append(self.key_rows(p.key, p.src_row + lo - p.dst_row, p.src_row + hi - p.dst_row))
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if x.shape[0] != d1 - d0:
+                reads.append((p.key, p.src_row + lo - p.dst_row, p.src_row + hi - p.dst_row))
+        if sum(b - a for _, a, b in reads) != d1 - d0:
             raise CheckpointError(f"{self.ckpt.path}: checkpoint rows for '{name}' do not cover rows [{d0}, {d1})")
+        dtypes = {self.ckpt.tensors[k].dtype for k, _, _ in reads}
+        if len(dtypes) == 1:
+            return self._to_device(*self._gather(reads, dtypes.pop()))
+        # sources of one parameter in different dtypes (rare): convert each on the host
+        return torch.cat([self.ckpt.read_rows(k, a, b).to(self.dtype) for k, a, b in reads]).to(self.device)
+
+    def _gather(self, reads, dtype) -> tuple[torch.Tensor, int]:
+        infos = [self.ckpt.tensors[k] for k, _, _ in reads]
+        total = sum((b - a) * i.row_bytes for (_, a, b), i in zip(reads, infos))
+        slot, self._turn = self._turn, self._turn ^ 1
+        if not self._cuda:  # on the CPU the chunk itself is the staging (freed after use, counted by the ledger)
+            buf = torch.empty(total, dtype=torch.uint8)
+        else:
+            if self._events[slot] is not None:
+                self._events[slot].synchronize()  # the device has finished copying out of this buffer
+            buf = self._bufs[slot]
+            if buf is None or buf.numel() < total:
+                buf = self._bufs[slot] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        jobs, at = [], 0
+        for (key, a, b), info in zip(reads, infos):
+            n = (b - a) * info.row_bytes
+            jobs.append((key, a, b, buf[at : at + n]))
+            at += n
+        self.ckpt.read_into(jobs)
+        shape = infos[0].flat_shape[1:]
+        rows = sum(b - a for _, a, b in reads)
+        return buf[:total].view(dtype).reshape((rows, *shape) if infos[0].shape else ()), slot
+
+    def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
+        if not self._cuda:
+            return host
+        x = host.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[slot] = event
         return x
 
 
@@ -206,28 +244,40 @@ def _load_quantized(t: _Target, src: _Source, ledger: MemoryLedger, scheme: str,
     for d0, d1 in _chunks(flat, n, step, per_slice=block):
         staged = (d1 - d0) * k * (itemsize + _STAGE_BYTES_PER_ELEM)
         ledger.stage(staged)
-        x = src.rows(t.plan, d0, d1, k, t.name).to(device)
+        x = src.rows(t.plan, d0, d1, k, t.name)
         if block:
             q, bs = quantize_blocks(x)
             lead, r0 = divmod(d0, n)
             s.view(-1, *s.shape[-2:])[lead, r0 // BLOCK : r0 // BLOCK + bs.shape[0]] = bs
-            bad = ~torch.isfinite(bs).all(dim=1).repeat_interleave(BLOCK)[: d1 - d0]
         else:
             row_scale = _row_scales(t.plan, shard_scales, d0, d1, device) if shard_scales is not None else None
             q, rs = quantize_rows(x, row_scale)
             s.view(-1)[d0:d1] = rs
-            bad = ~torch.isfinite(rs)
-        if bad.any():
-            if block and src.ckpt is not None:  # a block's 128 rows may come from several tensors: find the row itself
-                rows = src.rows(t.plan, d0, d1, k, t.name)
-                exact = ~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)
-                bad = exact if exact.any() else bad
-            raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name))
         w_flat[d0:d1] = q
         del x, q
         ledger.unstage(staged)
+    # NaN / Inf in a weight makes its scale non-finite. Checked once per parameter (a check per chunk
+    # would stall the device pipeline); the load fails before the model is returned.
+    if not torch.isfinite(s).all():
+        _raise_non_finite(t, src, s, block, flat, n, k)
     t.module._parameters[t.attr] = nn.Parameter(w, requires_grad=False)
     t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
+
+
+def _raise_non_finite(t: _Target, src: _Source, s: torch.Tensor, block: bool, flat: int, n: int, k: int) -> None:
+    if not block:
+        raise CheckpointError(_first_bad(t.plan, ~torch.isfinite(s.view(-1)).cpu(), src.ckpt, t.name))
+    # a block's 128 rows may come from several checkpoint tensors: re-read them to find the row itself
+    bad_block = ~torch.isfinite(s.view(-1, *s.shape[-2:])).all(dim=-1)  # [lead, block rows]
+    lead, br = (int(i) for i in bad_block.nonzero()[0])
+    d0 = lead * n + br * BLOCK
+    d1 = min(d0 + BLOCK, (lead + 1) * n)
+    bad = torch.ones(d1 - d0, dtype=torch.bool)
+    if src.ckpt is not None:
+        rows = src.rows(t.plan, d0, d1, k, t.name)
+        exact = ~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1).cpu()
+        bad = exact if exact.any() else bad
+    raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name))
 
 
 def _shift(bad: torch.Tensor, d0: int, flat: int) -> torch.Tensor:
@@ -244,14 +294,16 @@ def _shard_scales(t: _Target, src: _Source, ledger: MemoryLedger, device, step: 
     k = t.plan.shape[-1]
     for i, key in enumerate(t.plan.sources):
         info = src.ckpt.tensors[key]
-        rows = math.prod(info.shape[:-1]) if len(info.shape) > 1 else 1
+        rows = info.flat_shape[0] if info.shape else 1
         for r0 in range(0, rows, step):
             staged = (min(r0 + step, rows) - r0) * k * (info.dtype.itemsize + 4)
             ledger.stage(staged)
-            amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, min(r0 + step, rows)).to(device)))
+            amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, min(r0 + step, rows))))
             ledger.unstage(staged)
-        if not torch.isfinite(amax[i]):
-            raise CheckpointError(f"{info.file}: tensor '{key}' contains NaN or Inf")
+    bad = ~torch.isfinite(amax)
+    if bad.any():
+        key = t.plan.sources[int(bad.nonzero()[0])]
+        raise CheckpointError(f"{src.ckpt.tensors[key].file}: tensor '{key}' contains NaN or Inf")
     return scale_from_amax(amax)
 
 
@@ -284,19 +336,23 @@ def _load_kept(t: _Target, src: _Source, ledger: MemoryLedger, dtype: torch.dtyp
         width = shape[-1] if len(shape) >= 2 else None
         flat = math.prod(shape[:-1]) if width else (shape[0] if shape else 1)
         dst_flat = dst.view(flat, width) if width else dst.view(-1)
-        step = _rows_per_chunk(width or 1, src.itemsize(t.plan), ledger.staging_bytes, 1, t.name)
+        itemsize = src.itemsize(t.plan)
+        step = _rows_per_chunk(width or 1, itemsize, ledger.staging_bytes, 1, t.name)
         for d0, d1 in _chunks(flat, flat, step, per_slice=False):
+            staged = (d1 - d0) * (width or 1) * itemsize
+            ledger.stage(staged)
             x = src.rows(t.plan, d0, d1, width, t.name)
-            if x.is_floating_point() and not torch.isfinite(x).all():
-                bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-                raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name))
-            y = x.to(out_dtype)  # converted on the host: no device temporary
-            if y.is_floating_point() and y.dtype != x.dtype and not torch.isfinite(y).all():
-                bad = ~torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
-                raise CheckpointError(_first_bad(t.plan, _shift(bad, d0, flat), src.ckpt, t.name).replace(
-                    "contains NaN or Inf", f"has values too large for {str(out_dtype).removeprefix('torch.')}"))
-            dst_flat[d0:d1].copy_(y.reshape(dst_flat[d0:d1].shape))
-            ledger.sample()
+            dst_flat[d0:d1].copy_(x.reshape(dst_flat[d0:d1].shape))  # dtype conversion on the device, in place
+            del x
+            ledger.unstage(staged)
+        if dst.is_floating_point() and not torch.isfinite(dst).all():
+            bad = ~torch.isfinite(dst_flat.reshape(flat, -1)).all(dim=1).cpu()
+            msg = _first_bad(t.plan, bad, src.ckpt, t.name)
+            row = int(bad.nonzero()[0])
+            source = src.rows(t.plan, row, row + 1, width, t.name)
+            if torch.isfinite(source).all():  # finite in the checkpoint, overflows the model dtype
+                msg = msg.replace("contains NaN or Inf", f"has values too large for {str(out_dtype).removeprefix('torch.')}")
+            raise CheckpointError(msg)
     t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
 
 
