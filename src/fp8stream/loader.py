@@ -338,22 +338,35 @@ def _load_kept(t: _Target, src: _Source, ledger: MemoryLedger, dtype: torch.dtyp
         dst_flat = dst.view(flat, width) if width else dst.view(-1)
         itemsize = src.itemsize(t.plan)
         step = _rows_per_chunk(width or 1, itemsize, ledger.staging_bytes, 1, t.name)
+        finite = torch.ones((), dtype=torch.bool, device=device)
         for d0, d1 in _chunks(flat, flat, step, per_slice=False):
-            staged = (d1 - d0) * (width or 1) * itemsize
+            staged = (d1 - d0) * (width or 1) * (itemsize + _STAGE_BYTES_PER_ELEM)
             ledger.stage(staged)
             x = src.rows(t.plan, d0, d1, width, t.name)
-            dst_flat[d0:d1].copy_(x.reshape(dst_flat[d0:d1].shape))  # dtype conversion on the device, in place
-            del x
+            out = dst_flat[d0:d1]
+            out.copy_(x.reshape(out.shape))  # dtype conversion on the device, in place
+            if out.is_floating_point():
+                # NaN/Inf in the checkpoint, or values that overflow the model dtype. Checked per chunk
+                # (isfinite's temporaries stay within staging) into a device flag: no sync per chunk.
+                finite &= torch.isfinite(out).all()
+            del x, out
             ledger.unstage(staged)
-        if dst.is_floating_point() and not torch.isfinite(dst).all():
-            bad = ~torch.isfinite(dst_flat.reshape(flat, -1)).all(dim=1).cpu()
-            msg = _first_bad(t.plan, bad, src.ckpt, t.name)
-            row = int(bad.nonzero()[0])
-            source = src.rows(t.plan, row, row + 1, width, t.name)
-            if torch.isfinite(source).all():  # finite in the checkpoint, overflows the model dtype
+        if not finite:
+            _raise_kept_non_finite(t, src, dst_flat, flat, width, step, out_dtype)
+    t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
+
+
+def _raise_kept_non_finite(t: _Target, src: _Source, dst_flat, flat: int, width, step: int, out_dtype) -> None:
+    for d0, d1 in _chunks(flat, flat, step, per_slice=False):
+        chunk = dst_flat[d0:d1]
+        bad = ~torch.isfinite(chunk.reshape(d1 - d0, -1)).all(dim=1)
+        if bad.any():
+            row = d0 + int(bad.nonzero()[0])
+            msg = _first_bad(t.plan, _shift(bad.cpu(), d0, flat), src.ckpt, t.name)
+            if torch.isfinite(src.rows(t.plan, row, row + 1, width, t.name)).all():  # finite on disk: overflow
                 msg = msg.replace("contains NaN or Inf", f"has values too large for {str(out_dtype).removeprefix('torch.')}")
             raise CheckpointError(msg)
-    t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
+    raise CheckpointError(f"'{t.name}' contains NaN or Inf")
 
 
 def load(
