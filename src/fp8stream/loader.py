@@ -340,7 +340,8 @@ def _load_kept(t: _Target, src: _Source, ledger: MemoryLedger, dtype: torch.dtyp
         step = _rows_per_chunk(width or 1, itemsize, ledger.staging_bytes, 1, t.name)
         finite = torch.ones((), dtype=torch.bool, device=device)
         for d0, d1 in _chunks(flat, flat, step, per_slice=False):
-            staged = (d1 - d0) * (width or 1) * (itemsize + _STAGE_BYTES_PER_ELEM)
+            # the source rows, then isfinite's temporaries: abs() in the model dtype and three bool masks
+            staged = (d1 - d0) * (width or 1) * (itemsize + out_dtype.itemsize + 3)
             ledger.stage(staged)
             x = src.rows(t.plan, d0, d1, width, t.name)
             out = dst_flat[d0:d1]
