@@ -209,3 +209,10 @@ def test_run_demo(cache_root, capsys):
     assert f"Q: {demo.QUESTION}" in out
     answer = out.split("\nA: ", 1)[1]
     assert "Paris" in answer, out
+
+
+def test_cli_generate_uses_the_chat_template(ckpt, capsys):
+    from fp8stream.cli import main
+
+    assert main(["generate", str(ckpt), "--device", "cpu", "--prompt", demo.QUESTION, "--max-new-tokens", "16"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -1,6 +1,5 @@
 """Every architecture x every scheme: the streamed FP8 model against the transformers model of the same checkpoint."""
 
-import math
 
 import pytest
 import torch
@@ -268,3 +267,23 @@ def test_cuda_matches_cpu(checkpoints, arch, scheme):
     # models differ by up to the FP8 noise itself (5-7% measured on the H100); half the bf16 bound.
     assert _rel(lg, lc) < LOGIT_REL_BOUND / 2
     assert _rel(lg, ref(ids).logits) < LOGIT_REL_BOUND
+
+
+def test_too_little_free_memory_fails_before_reading(checkpoints, monkeypatch):
+    """final + staging > free: one error with both numbers, and not a byte of weights read."""
+    from fp8stream import loader, memory
+    from fp8stream.checkpoint import Checkpoint
+
+    path, _ = checkpoints("llama")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(Checkpoint, "read_into", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(fp8stream.OutOfMemoryError, match=r"needs .* GiB \+ 0.25 GiB staging = .* but only 0.10 GiB is free"):
+        loader.load(path, device="cpu", progress=False)
+
+
+def test_peak_is_logged_at_debug_level(checkpoints, caplog):
+    path, _ = checkpoints("qwen2")
+    with caplog.at_level("DEBUG", logger="fp8stream"):
+        model = fp8stream.load(path, device="cpu", progress=False)
+    line = f"Peak device memory while loading weights: {model.fp8stream_report.peak_bytes / 2**30:.2f} GiB"
+    assert any(r.name == "fp8stream" and r.levelname == "DEBUG" and r.getMessage() == line for r in caplog.records)

@@ -114,7 +114,7 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
             _check_float(info)
             groups[(id(conv), target)].append((pattern, key))
             continue
-        if target in tied and target not in _tie_sources(model, tied):
+        if target in tied:
             continue  # e.g. lm_head.weight saved next to the embedding it is tied to: the tie wins
         if target not in meta:
             if any(p.search(key) for p in ignore_unexpected) or "rotary_emb.inv_freq" in key:
@@ -128,10 +128,7 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
         if target in plans:
             raise CheckpointError(f"{info.file}: tensors '{plans[target].sources[0]}' and '{key}' both map to the model's '{target}'")
         plan = TargetPlan(target, expected, sources=[key])
-        rows = info.shape[0] if info.shape else 1
-        if len(info.shape) > 2:
-            rows = int(torch.Size(info.shape[:-1]).numel())
-        plan.pieces.append(Piece(key, 0, 0, rows, 0))
+        plan.pieces.append(Piece(key, 0, 0, info.flat_shape[0] if info.shape else 1, 0))
         plans[target] = plan
 
     for (conv_id, target), members in groups.items():
@@ -232,11 +229,6 @@ def _expert_members(conv, target: str, members: list[tuple[str, str]], ckpt: Che
                 missing = prefixes.get(pattern, any_prefix) + pattern.replace("*", str(i))
                 raise CheckpointError(f"{ckpt.path}: checkpoint has no tensor '{missing}' (expert {i} of {n} for the model's '{target}')")
     return [(p, found[p][i]) for p in conv.source_patterns for i in range(n)]
-
-
-def _tie_sources(model, tied) -> set[str]:
-    mapping = getattr(model, "all_tied_weights_keys", None) or {}
-    return set(mapping.values()) if isinstance(mapping, dict) else set()
 
 
 def _check_float(info: TensorInfo) -> None:

@@ -21,8 +21,8 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, Fp8StreamError
-from .load_plan import Piece, TargetPlan, build_meta_model, build_plan
-from .memory import MemoryLedger, gib
+from .load_plan import TargetPlan, build_meta_model, build_plan
+from .memory import MemoryLedger
 from .modules import FP8Experts, FP8Linear, replace_with_fp8
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
 from .report import LoadReport
