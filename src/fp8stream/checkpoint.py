@@ -27,7 +27,8 @@ _DTYPES = {
 }
 FLOAT_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-_READ_PART = 8 * 1024 * 1024  # bytes per positional read: big enough to stream, small enough to spread over threads
+DEFAULT_READ_THREADS = min(16, os.cpu_count() or 4)  # page-cache reads scale to ~16 threads (peers.md)
+_MIN_READ_PART = 1 << 20  # smallest positional read worth a thread
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class TensorInfo:
 class Checkpoint:
     """A checkpoint directory: config.json plus model.safetensors or sharded model-*.safetensors with an index."""
 
-    def __init__(self, path: str | os.PathLike, read_threads: int = 8):
+    def __init__(self, path: str | os.PathLike, read_threads: int = DEFAULT_READ_THREADS):
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
@@ -128,6 +129,9 @@ class Checkpoint:
         cache is read by several cores and nothing is memory-mapped, so no file pages pile up in RSS.
         """
         jobs = []
+        total = sum(out.numel() for *_, out in reads)
+        # parts small enough to keep every reader thread busy, large enough to stream
+        part_size = max(_MIN_READ_PART, -(-total // (2 * self.read_threads)))
         for key, start, stop, out in reads:
             info = self.tensors[key]
             begin = info.offset + start * info.row_bytes
@@ -135,8 +139,8 @@ class Checkpoint:
             if out.numel() != nbytes:
                 raise ValueError(f"buffer of {out.numel()} bytes for {nbytes} bytes of '{key}'")
             view = memoryview(out.numpy())
-            for part in range(0, nbytes, _READ_PART):
-                jobs.append((info, begin + part, view[part : min(part + _READ_PART, nbytes)]))
+            for part in range(0, nbytes, part_size):
+                jobs.append((info, begin + part, view[part : min(part + part_size, nbytes)]))
         if len(jobs) == 1:
             self._pread(*jobs[0])
             return

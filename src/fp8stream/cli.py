@@ -18,6 +18,10 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--staging-mib", type=float, default=256, help="device staging budget (MiB): peak <= final + this")
     p.add_argument("--ignore", nargs="*", default=[], metavar="REGEX",
                    help="keep modules whose name matches (re.search) in full precision")
+    p.add_argument("--read-threads", type=int, default=None, help="parallel positional reads (default: min(16, cores))")
+    p.add_argument("--prefetch-buffers", type=int, default=4, help="pinned host buffers read ahead of the GPU (one staging chunk each)")
+    p.add_argument("--timeline", default=None, metavar="FILE.png",
+                   help="draw device memory, host RSS and bytes loaded against time (data also in FILE.json)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +53,12 @@ def _default_device(device: str | None) -> str:
 def _load(args, progress: bool):
     from .loader import load
 
+    from .checkpoint import DEFAULT_READ_THREADS
+
     return load(args.path, device=_default_device(args.device), scheme=args.scheme, load_format=args.load_format,
-                staging_mib=args.staging_mib, ignore=args.ignore, progress=progress)
+                staging_mib=args.staging_mib, ignore=args.ignore, progress=progress,
+                read_threads=args.read_threads or DEFAULT_READ_THREADS, prefetch_buffers=args.prefetch_buffers,
+                timeline=args.timeline)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
+from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
 from .errors import CheckpointError, Fp8StreamError
 from .load_plan import TargetPlan, build_meta_model, build_plan
-from .memory import MemoryLedger
+from .memory import MemoryLedger, Sampler
+from .pipeline import Prefetcher, Request, host_view, read_now
 from .modules import FP8Experts, FP8Linear, replace_with_fp8
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
 from .report import LoadReport
@@ -138,36 +139,32 @@ def _chunks(flat_rows: int, rows_per_slice: int, step: int, per_slice: bool):
 
 
 class _Source:
-    """Destination rows of a parameter: checkpoint rows gathered through the plan's pieces into a host
-    staging buffer, then copied to the device (random rows for dummy loads).
+    """Destination rows of a parameter on the device: checkpoint rows gathered through the plan's
+    pieces (random rows for dummy loads).
 
-    On CUDA two pinned host buffers alternate, so the positional reads of the next
-    chunk run while the device still copies and quantizes the previous one; an event per buffer
-    says when its copy has finished and it may be refilled.
+    On CUDA the loader first declares its whole schedule of chunk reads (`start`); a Prefetcher then
+    reads ahead into a bounded pool of pinned buffers, and `rows` takes them in order, so reads, copies
+    and quantization overlap. A request off the schedule (re-reads on an error path) and everything on
+    the CPU is read synchronously into a fresh buffer, which is then the staging itself.
     """
 
-    def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 prefetch_buffers: int = 4):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.gen = torch.Generator(device=device).manual_seed(seed) if ckpt is None else None
-        self._cuda = device.type == "cuda"
-        self._bufs: list[torch.Tensor | None] = [None, None]
-        self._events: list = [None, None]
-        self._turn = 0
+        self.prefetch_buffers = prefetch_buffers
+        self._prefetcher: Prefetcher | None = None
+        self._schedule: list[Request] = []
+        self._pos = 0
+        self.loaded_bytes = 0  # bytes of checkpoint data handed to the device so far (for the timeline)
 
     def itemsize(self, plan: TargetPlan | None) -> int:
         if plan is None:
             return self.dtype.itemsize
         return max(self.ckpt.tensors[k].dtype.itemsize for k in plan.sources)
 
-    def key_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Flat rows [start, stop) of one checkpoint tensor, on the device."""
-        return self._to_device(*self._gather([(key, start, stop)], self.ckpt.tensors[key].dtype))
-
-    def rows(self, plan: TargetPlan | None, d0: int, d1: int, width: int | None, name: str) -> torch.Tensor:
-        """Destination rows [d0, d1) on the device, in the checkpoint's dtype."""
-        if plan is None:  # dummy: random rows generated straight on the device
-            shape = (d1 - d0, width) if width else (d1 - d0,)
-            return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype).mul_(0.02)
+    def request(self, plan: TargetPlan, d0: int, d1: int, name: str) -> Request | None:
+        """The reads behind destination rows [d0, d1); None when the sources differ in dtype (rare)."""
         reads = []
         for p in plan.pieces:
             lo, hi = max(d0, p.dst_row), min(d1, p.dst_row + p.rows)
@@ -175,41 +172,61 @@ class _Source:
                 reads.append((p.key, p.src_row + lo - p.dst_row, p.src_row + hi - p.dst_row))
         if sum(b - a for _, a, b in reads) != d1 - d0:
             raise CheckpointError(f"{self.ckpt.path}: checkpoint rows for '{name}' do not cover rows [{d0}, {d1})")
-        dtypes = {self.ckpt.tensors[k].dtype for k, _, _ in reads}
-        if len(dtypes) == 1:
-            return self._to_device(*self._gather(reads, dtypes.pop()))
-        # sources of one parameter in different dtypes (rare): convert each on the host
-        return torch.cat([self.ckpt.read_rows(k, a, b).to(self.dtype) for k, a, b in reads]).to(self.device)
+        return self._request(tuple(reads))
 
-    def _gather(self, reads, dtype) -> tuple[torch.Tensor, int]:
+    def _request(self, reads) -> Request | None:
         infos = [self.ckpt.tensors[k] for k, _, _ in reads]
-        total = sum((b - a) * i.row_bytes for (_, a, b), i in zip(reads, infos))
-        slot, self._turn = self._turn, self._turn ^ 1
-        if not self._cuda:  # on the CPU the chunk itself is the staging (freed after use, counted by the ledger)
-            buf = torch.empty(total, dtype=torch.uint8)
-        else:
-            if self._events[slot] is not None:
-                self._events[slot].synchronize()  # the device has finished copying out of this buffer
-            buf = self._bufs[slot]
-            if buf is None or buf.numel() < total:
-                buf = self._bufs[slot] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-        jobs, at = [], 0
-        for (key, a, b), info in zip(reads, infos):
-            n = (b - a) * info.row_bytes
-            jobs.append((key, a, b, buf[at : at + n]))
-            at += n
-        self.ckpt.read_into(jobs)
-        shape = infos[0].flat_shape[1:]
-        rows = sum(b - a for _, a, b in reads)
-        return buf[:total].view(dtype).reshape((rows, *shape) if infos[0].shape else ()), slot
+        if len({i.dtype for i in infos}) != 1:
+            return None
+        return Request(reads, infos[0].dtype, sum((b - a) * i.row_bytes for (_, a, b), i in zip(reads, infos)))
 
-    def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
-        if not self._cuda:
-            return host
-        x = host.to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._events[slot] = event
+    def start(self, schedule: list[Request | None]) -> None:
+        """Declare every read the load will make, in order, and start reading ahead (CUDA only)."""
+        self._schedule = [r for r in schedule if r is not None]
+        if self.ckpt is not None and self.device.type == "cuda" and self._schedule:
+            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=True)
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self._prefetcher.pinned_bytes if self._prefetcher is not None else 0
+
+    def key_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Flat rows [start, stop) of one checkpoint tensor, on the device."""
+        return self._fetch(self._request(((key, start, stop),)))
+
+    def rows(self, plan: TargetPlan | None, d0: int, d1: int, width: int | None, name: str) -> torch.Tensor:
+        """Destination rows [d0, d1) on the device, in the checkpoint's dtype."""
+        if plan is None:  # dummy: random rows generated straight on the device
+            shape = (d1 - d0, width) if width else (d1 - d0,)
+            return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype).mul_(0.02)
+        req = self.request(plan, d0, d1, name)
+        if req is None:  # sources of one parameter in different dtypes: convert each on the host
+            reads = [(p.key, p.src_row + max(d0, p.dst_row) - p.dst_row, p.src_row + min(d1, p.dst_row + p.rows) - p.dst_row)
+                     for p in plan.pieces if max(d0, p.dst_row) < min(d1, p.dst_row + p.rows)]
+            return torch.cat([self.ckpt.read_rows(k, a, b).to(self.dtype) for k, a, b in reads]).to(self.device)
+        return self._fetch(req)
+
+    def _fetch(self, req: Request) -> torch.Tensor:
+        self.loaded_bytes += req.nbytes
+        on_schedule = self._pos < len(self._schedule) and self._schedule[self._pos] == req
+        if on_schedule:
+            self._pos += 1
+        if self._prefetcher is None or not on_schedule:
+            return read_now(self.ckpt, req).to(self.device)  # a no-op on the CPU
+        buf, slot = self._prefetcher.take(self._pos - 1)
+        host = host_view(self.ckpt, req, buf)
+        if self.device.type == "cuda":
+            x = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()  # the buffer may be refilled once this copy is done
+        else:  # the buffer goes back to the pool at once: copy out of it
+            x, event = host.clone(), None
+        self._prefetcher.release(slot, event)
         return x
 
 
@@ -222,7 +239,51 @@ def _first_bad(plan: TargetPlan | None, bad_rows: torch.Tensor, ckpt: Checkpoint
     return f"'{name}' contains NaN or Inf"
 
 
-def _load_quantized(t: _Target, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device) -> None:
+@dataclass
+class _Chunks:
+    """How one parameter is streamed: the row step, the per-tensor amax pass reads, the row chunks."""
+
+    step: int
+    amax_reads: list[tuple[str, int, int]]
+    rows: list[tuple[int, int]]
+
+
+def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _Chunks:
+    shape = tuple(t.module._parameters[t.attr].shape)
+    n, k = shape[-2], shape[-1]
+    block = scheme == "fp8_per_block"
+    step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name)
+    if block:
+        step = min(step, math.ceil(n / BLOCK) * BLOCK)
+    amax_reads = []
+    if scheme == "fp8_per_tensor" and t.plan is not None:
+        for key in t.plan.sources:
+            info = src.ckpt.tensors[key]
+            rows = info.flat_shape[0] if info.shape else 1
+            amax_reads += [(key, r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+    return _Chunks(step, amax_reads, list(_chunks(math.prod(shape[:-1]), n, step, per_slice=block)))
+
+
+def _kept_chunks(t: _Target, src: _Source, staging: int) -> _Chunks:
+    shape = tuple(t.module._parameters[t.attr].shape)
+    width = shape[-1] if len(shape) >= 2 else None
+    flat = math.prod(shape[:-1]) if width else (shape[0] if shape else 1)
+    step = _rows_per_chunk(width or 1, src.itemsize(t.plan), staging, 1, t.name)
+    return _Chunks(step, [], list(_chunks(flat, flat, step, per_slice=False)))
+
+
+def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[Request | None]:
+    """Every read the load will make, in the order it makes them (the prefetcher reads ahead along it)."""
+    out = []
+    for t, c in work:
+        if t.plan is None:
+            continue
+        out += [src._request((r,)) for r in c.amax_reads]
+        out += [src.request(t.plan, d0, d1, t.name) for d0, d1 in c.rows]
+    return out
+
+
+def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device) -> None:
     weight = t.module._parameters[t.attr]
     shape = tuple(weight.shape)
     n, k = shape[-2], shape[-1]
@@ -233,15 +294,12 @@ def _load_quantized(t: _Target, src: _Source, ledger: MemoryLedger, scheme: str,
     w_flat = w.view(flat, k)
     itemsize = src.itemsize(t.plan)
     block = scheme == "fp8_per_block"
-    step = _rows_per_chunk(k, itemsize, ledger.staging_bytes, BLOCK if block and n >= BLOCK else 1, t.name)
-    if block:
-        step = min(step, math.ceil(n / BLOCK) * BLOCK)
 
     shard_scales = None
     if scheme == "fp8_per_tensor":
-        shard_scales = _shard_scales(t, src, ledger, device, step)
+        shard_scales = _shard_scales(t, c, src, ledger, device)
 
-    for d0, d1 in _chunks(flat, n, step, per_slice=block):
+    for d0, d1 in c.rows:
         staged = (d1 - d0) * k * (itemsize + _STAGE_BYTES_PER_ELEM)
         ledger.stage(staged)
         x = src.rows(t.plan, d0, d1, k, t.name)
@@ -286,20 +344,19 @@ def _shift(bad: torch.Tensor, d0: int, flat: int) -> torch.Tensor:
     return full
 
 
-def _shard_scales(t: _Target, src: _Source, ledger: MemoryLedger, device, step: int) -> torch.Tensor:
+def _shard_scales(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, device) -> torch.Tensor:
     """fp8_per_tensor: first pass, one amax per checkpoint tensor (shard) feeding this parameter."""
     if t.plan is None:  # dummy: one shard, scale from the distribution's bound
         return torch.full((1,), 0.02 * 6 / 448, device=device)
     amax = torch.zeros(len(t.plan.sources), device=device)
+    shard = {key: i for i, key in enumerate(t.plan.sources)}
     k = t.plan.shape[-1]
-    for i, key in enumerate(t.plan.sources):
-        info = src.ckpt.tensors[key]
-        rows = info.flat_shape[0] if info.shape else 1
-        for r0 in range(0, rows, step):
-            staged = (min(r0 + step, rows) - r0) * k * (info.dtype.itemsize + 4)
-            ledger.stage(staged)
-            amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, min(r0 + step, rows))))
-            ledger.unstage(staged)
+    for key, r0, r1 in c.amax_reads:
+        staged = (r1 - r0) * k * (src.ckpt.tensors[key].dtype.itemsize + 4)
+        ledger.stage(staged)
+        i = shard[key]
+        amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, r1)))
+        ledger.unstage(staged)
     bad = ~torch.isfinite(amax)
     if bad.any():
         key = t.plan.sources[int(bad.nonzero()[0])]
@@ -318,7 +375,7 @@ def _row_scales(plan: TargetPlan | None, shard_scales: torch.Tensor, d0: int, d1
     return out
 
 
-def _load_kept(t: _Target, src: _Source, ledger: MemoryLedger, dtype: torch.dtype, device: torch.device) -> None:
+def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype: torch.dtype, device: torch.device) -> None:
     p = t.module._parameters[t.attr]
     shape = tuple(p.shape)
     out_dtype = dtype if p.dtype.is_floating_point else p.dtype
@@ -337,9 +394,9 @@ def _load_kept(t: _Target, src: _Source, ledger: MemoryLedger, dtype: torch.dtyp
         flat = math.prod(shape[:-1]) if width else (shape[0] if shape else 1)
         dst_flat = dst.view(flat, width) if width else dst.view(-1)
         itemsize = src.itemsize(t.plan)
-        step = _rows_per_chunk(width or 1, itemsize, ledger.staging_bytes, 1, t.name)
+        step = c.step
         finite = torch.ones((), dtype=torch.bool, device=device)
-        for d0, d1 in _chunks(flat, flat, step, per_slice=False):
+        for d0, d1 in c.rows:
             # the source rows, then isfinite's temporaries: abs() in the model dtype and three bool masks
             staged = (d1 - d0) * (width or 1) * (itemsize + out_dtype.itemsize + 3)
             ledger.stage(staged)
@@ -380,11 +437,17 @@ def load(
     ignore: tuple[str, ...] | list[str] = (),
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
+    read_threads: int = DEFAULT_READ_THREADS,
+    prefetch_buffers: int = 4,
+    timeline: str | Path | None = None,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
     Returns a transformers PreTrainedModel whose Linear layers / fused MoE experts are FP8; its
     `fp8stream_report` attribute is a LoadReport. Raises Fp8StreamError (one-line message) on bad input.
+    `read_threads` positional reads run in parallel into `prefetch_buffers` pinned host buffers of one
+    staging chunk each (CUDA); `timeline` names a PNG to draw memory and progress against time (its
+    data goes next to it as JSON).
     """
     if scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
@@ -395,7 +458,9 @@ def load(
     path = Path(path)
     dev = _device(device)
     config = _load_config(path)
-    ckpt = Checkpoint(path) if load_format == "auto" else None
+    if read_threads < 1 or prefetch_buffers < 1:
+        raise Fp8StreamError(f"read threads and prefetch buffers must be >= 1 (got {read_threads}, {prefetch_buffers})")
+    ckpt = Checkpoint(path, read_threads=read_threads) if load_format == "auto" else None
     if ckpt is not None:
         ckpt.check_index()
 
@@ -430,21 +495,25 @@ def load(
     ledger = MemoryLedger(dev, staging)
     ledger.check_fits(final_bytes)
 
-    src = _Source(ckpt, dtype, dev)
+    src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers)
+    work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
+            for t in targets]
     t0 = time.perf_counter()
-    ledger.start()
+    sampler = Sampler(dev, src, interval_s=0.005)
+    ledger.start(sampler)
     n_quant = n_kept = 0
     try:
         from tqdm import tqdm
 
-        bar = tqdm(targets, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
+        src.start(_schedule(src, work))
+        bar = tqdm(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
         with torch.no_grad():
-            for t in bar:
+            for t, chunks in bar:
                 if t.scale_attr is not None:
-                    _load_quantized(t, src, ledger, scheme, dev)
+                    _load_quantized(t, chunks, src, ledger, scheme, dev)
                     n_quant += 1
                 else:
-                    _load_kept(t, src, ledger, dtype, dev)
+                    _load_kept(t, chunks, src, ledger, dtype, dev)
                     n_kept += 1
             for module in model.modules():
                 for name, buf in list(module._buffers.items()):
@@ -452,9 +521,14 @@ def load(
                         module._buffers[name] = buf.to(dev)
                         ledger.add_final(buf.nbytes)
         model.tie_weights()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     finally:
+        pinned = src.pinned_bytes
+        src.close()
         if ckpt is not None:
             ckpt.close()
+        ledger.stop()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise Fp8StreamError(f"internal: parameter '{left[0]}' was not loaded")
@@ -466,7 +540,8 @@ def load(
         device=str(dev), scheme=scheme, peak_bytes=ledger.peak(), final_bytes=final_bytes,
         full_precision_bytes=full_precision, staging_bytes=staging, load_seconds=seconds,
         quantized_tensors=n_quant, kept_tensors=n_kept, peak_measured_by=ledger.measured_by,
-        host_rss_anon_peak_delta_bytes=ledger.rss_peak, load_format=load_format,
+        host_rss_anon_peak_delta_bytes=ledger.rss_peak, host_peak_bytes=ledger.host_peak_bytes,
+        pinned_host_bytes=pinned, read_threads=read_threads if ckpt is not None else 0, load_format=load_format,
         quantized_modules=quantized, kept_modules=kept_modules,
     )
     log.debug("Peak device memory while loading weights: %.2f GiB", report.peak_bytes / 2**30)
@@ -474,6 +549,10 @@ def load(
     model.config.dtype = dtype
     _attach_generation_config(model, path)
     model.fp8stream_report = report
+    if timeline is not None:
+        from .timeline import write_timeline
+
+        write_timeline(Path(timeline), sampler.samples, report)
     return model
 
 

@@ -9,6 +9,9 @@ every allocation point; the report carries both.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
 from .errors import OutOfMemoryError
@@ -64,13 +67,26 @@ class MemoryLedger:
                 f"but only {gib(free)} is free"
             )
 
-    def start(self) -> None:
+    def start(self, sampler: Sampler | None = None) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.cuda_base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rss_base = _rss_anon_bytes()
         self.sample()
+        self.sampler = sampler
+        if sampler is not None:
+            sampler.start(self)
+
+    def stop(self) -> None:
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.stop()
+            self.rss_peak = max(self.rss_peak, self.sampler.rss_peak - (self.rss_base or 0))
+
+    @property
+    def host_peak_bytes(self) -> int:
+        """The process's anonymous RSS at its highest during the load (absolute, not a delta)."""
+        return (self.rss_base or 0) + self.rss_peak
 
     def add_final(self, nbytes: int) -> None:
         self.final += nbytes
@@ -107,4 +123,35 @@ class MemoryLedger:
     def current(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) - self.cuda_base
-        return self.final
+        return self.final + self.staging
+
+
+class Sampler:
+    """Samples device memory, host anonymous RSS and bytes loaded every few milliseconds during a load
+    (the data behind `--timeline`, and the host peak between the loader's own sample points)."""
+
+    def __init__(self, device: torch.device, progress, interval_s: float = 0.005):
+        self.device, self.progress, self.interval_s = device, progress, interval_s
+        self.samples: list[tuple[float, int, int, int]] = []  # (seconds, device bytes, host RssAnon, bytes loaded)
+        self.rss_peak = 0
+        self._stop = threading.Event()
+
+    def start(self, ledger: MemoryLedger) -> None:
+        self.ledger = ledger
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="fp8stream-sampler", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> None:
+        rss = _rss_anon_bytes() or 0
+        self.rss_peak = max(self.rss_peak, rss)
+        self.samples.append((time.perf_counter() - self.t0, self.ledger.current(), rss, self.progress.loaded_bytes))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._take()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()

@@ -21,6 +21,9 @@ class LoadReport:
     kept_tensors: int
     peak_measured_by: str
     host_rss_anon_peak_delta_bytes: int  # process anonymous RSS growth during the load (cross-check on CPU)
+    host_peak_bytes: int = 0  # process anonymous RSS at its highest during the load (pinned buffers included)
+    pinned_host_bytes: int = 0  # the pinned read-ahead pool (CUDA)
+    read_threads: int = 0
     load_format: str = "auto"
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: list[str] = field(default_factory=list)

@@ -1,0 +1,139 @@
+"""The reading pipeline: positional byte-range reads, the read-ahead pool, errors in reader threads, the timeline."""
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fp8stream
+from fp8stream import loader
+from fp8stream.checkpoint import Checkpoint
+from fp8stream.errors import CheckpointError
+from fp8stream.pipeline import Prefetcher, Request, host_view
+from tiny_models import make_checkpoint
+
+
+def _fp8stream_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("fp8stream")]
+
+
+@pytest.fixture()
+def two_tensor_ckpt(tmp_path):
+    a = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48).to(torch.bfloat16)
+    b = torch.randn(3, 40, 32, dtype=torch.float16)
+    save_file({"a": a, "b": b, "c": torch.ones(7)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    return Checkpoint(tmp_path, read_threads=4), {"a": a, "b": b}
+
+
+def test_byte_ranges_are_exact_rows(two_tensor_ckpt):
+    ckpt, ref = two_tensor_ckpt
+    assert torch.equal(ckpt.read_rows("a", 5, 17), ref["a"][5:17])
+    # a 3-D tensor reads as flat rows [E * rows, width], across the expert boundary
+    assert torch.equal(ckpt.read_rows("b", 35, 85), ref["b"].reshape(-1, 32)[35:85])
+    assert torch.equal(ckpt.read_rows("c", 2, 5), torch.ones(3))
+    ckpt.close()
+
+
+def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatch):
+    from fp8stream import checkpoint
+
+    x = torch.randn(2048, 1024)  # 8 MiB: split into >= 1 MiB parts over the reader threads
+    save_file({"x": x}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path, read_threads=4)
+    parts, seen = [], set()
+    real = Checkpoint._pread
+
+    def spy(self, info, offset, view):
+        parts.append((offset, len(view)))
+        seen.add(threading.current_thread().name)
+        return real(self, info, offset, view)
+
+    monkeypatch.setattr(Checkpoint, "_pread", spy)
+    assert torch.equal(ckpt.read_rows("x", 3, 2047), x[3:2047])
+    assert len(parts) >= 4 and len(seen) > 1
+    parts.sort()
+    for (o1, n1), (o2, _) in zip(parts, parts[1:]):
+        assert o1 + n1 == o2  # contiguous, no gaps or overlaps
+    ckpt.close()
+    assert not _fp8stream_threads()
+
+
+def test_prefetcher_serves_requests_in_order_with_a_small_pool(two_tensor_ckpt):
+    ckpt, ref = two_tensor_ckpt
+    reqs = [Request((("a", i, i + 8),), torch.bfloat16, 8 * 48 * 2) for i in range(0, 64, 8)]
+    reqs.append(Request((("a", 60, 64), ("b", 0, 4)), torch.bfloat16, 0))  # mixed dtypes never reach it; see below
+    reqs.pop()
+    reqs.append(Request((("b", 38, 42),), torch.float16, 4 * 32 * 2))  # crosses an expert boundary
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False)
+    for i, req in enumerate(reqs):
+        buf, slot = pf.take(i)
+        got = host_view(ckpt, req, buf).clone()
+        pf.release(slot, None)
+        want = ref["a"][i * 8 : i * 8 + 8] if i < 8 else ref["b"].reshape(-1, 32)[38:42]
+        assert torch.equal(got, want), i
+    pf.close()
+    assert not _fp8stream_threads()
+
+
+def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
+    """Forcing the read-ahead pipeline on the CPU (it normally runs for CUDA) changes nothing in the model."""
+    path, _ = make_checkpoint("qwen2_moe", tmp_path / "m", max_shard_size="100KB")
+    plain = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False)
+
+    def start(self, schedule):
+        self._schedule = [r for r in schedule if r is not None]
+        self._prefetcher = Prefetcher(self.ckpt, self._schedule, 2, pinned=False)
+
+    monkeypatch.setattr(loader._Source, "start", start)
+    took = []
+    real_take = Prefetcher.take
+    monkeypatch.setattr(Prefetcher, "take", lambda self, i: took.append(i) or real_take(self, i))
+    piped = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False)
+    assert len(took) > 20 and took == sorted(took)  # every read came from the pipeline, in schedule order
+    for (n, a), (_, b) in zip(plain.state_dict().items(), piped.state_dict().items()):
+        a = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a
+        b = b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b
+        assert torch.equal(a, b), n
+    assert not _fp8stream_threads()
+
+
+def test_error_in_a_reader_thread_is_clean_and_stops_everything(tmp_path, monkeypatch):
+    path, _ = make_checkpoint("llama", tmp_path / "m", max_shard_size="100KB")
+
+    def start(self, schedule):
+        self._schedule = [r for r in schedule if r is not None]
+        self._prefetcher = Prefetcher(self.ckpt, self._schedule, 2, pinned=False)
+
+    monkeypatch.setattr(loader._Source, "start", start)
+    real = Checkpoint._pread
+
+    def failing(self, info, offset, view):
+        if "layers.1.mlp.up_proj" in info.key:
+            raise CheckpointError(f"{info.file}: cannot read tensor '{info.key}' (Input/output error)")
+        return real(self, info, offset, view)
+
+    monkeypatch.setattr(Checkpoint, "_pread", failing)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj.*Input/output error") as e:
+        fp8stream.load(path, device="cpu", progress=False)
+    assert "\n" not in str(e.value)
+    assert not _fp8stream_threads()  # prefetch thread and reader pool are gone
+
+
+def test_timeline_png_and_json(tmp_path):
+    path, _ = make_checkpoint("llama", tmp_path / "m")
+    png = tmp_path / "timeline.png"
+    model = fp8stream.load(path, device="cpu", progress=False, timeline=png)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert data["columns"] == ["seconds", "device_bytes", "host_rss_anon_bytes", "loaded_bytes"]
+    rep = model.fp8stream_report
+    assert data["lines"]["final_bytes"] == rep.final_bytes
+    assert len(data["samples"]) >= 2
+    loaded = [s[3] for s in data["samples"]]
+    assert loaded == sorted(loaded) and loaded[-1] == sum(i.nbytes for i in Checkpoint(path).tensors.values())
+    assert max(s[1] for s in data["samples"]) <= rep.final_bytes + rep.staging_bytes
+    assert rep.host_peak_bytes >= max(s[2] for s in data["samples"])
