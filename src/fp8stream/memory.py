@@ -139,6 +139,7 @@ class Sampler:
     def start(self, ledger: MemoryLedger) -> None:
         self.ledger = ledger
         self.t0 = time.perf_counter()
+        self._take()  # the starting point, however short the load
         self._thread = threading.Thread(target=self._run, name="fp8stream-sampler", daemon=True)
         self._thread.start()
 

@@ -38,10 +38,10 @@ def write_timeline(png: Path, samples: list[tuple[float, int, int, int]], report
     ax.plot(t, [s[1] / gib for s in samples], label=f"device memory allocated ({report.device})", lw=2)
     ax.plot(t, [s[2] / gib for s in samples], label="host anonymous RSS", lw=1.5)
     ax.plot(t, [s[3] / gib for s in samples], label="checkpoint bytes loaded", lw=1.5, ls="--")
-    for value, label, style in ((report.full_precision_bytes, "full precision", ":"), (report.final_bytes, "final FP8", "-."),
-                                (report.final_bytes + report.staging_bytes, "final + staging bound", "--")):
+    for value, label, style, dy in ((report.full_precision_bytes, "full precision", ":", 3), (report.final_bytes, "final FP8", "-.", -10),
+                                    (report.final_bytes + report.staging_bytes, "final + staging bound", "--", 3)):
         ax.axhline(value / gib, color="gray", ls=style, lw=1)
-        ax.annotate(f"{label} {value / gib:.2f} GiB", (0, value / gib), textcoords="offset points", xytext=(4, 3), fontsize=8, color="dimgray")
+        ax.annotate(f"{label} {value / gib:.2f} GiB", (0, value / gib), textcoords="offset points", xytext=(4, dy), fontsize=8, color="dimgray")
     ax.set_xlim(left=0)
     ax.set_xlabel("seconds since the first weight was read")
     ax.set_ylabel("GiB")
