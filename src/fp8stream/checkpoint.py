@@ -144,8 +144,9 @@ class Checkpoint:
         if len(jobs) == 1:
             self._pread(*jobs[0])
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="fp8stream-read")
+        with self._lock:  # the prefetch thread and the loader may both read
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="fp8stream-read")
         for future in [self._pool.submit(self._pread, *job) for job in jobs]:
             future.result()
 
