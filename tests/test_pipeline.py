@@ -38,7 +38,6 @@ def test_byte_ranges_are_exact_rows(two_tensor_ckpt):
 
 
 def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatch):
-    from fp8stream import checkpoint
 
     x = torch.randn(2048, 1024)  # 8 MiB: split into >= 1 MiB parts over the reader threads
     save_file({"x": x}, tmp_path / "model.safetensors")

@@ -5,9 +5,10 @@
 """
 
 from .errors import CheckpointError, Fp8StreamError, OutOfMemoryError, UnsupportedModelError
+from .export import export
 from .loader import load
 from .quantize import SCHEMES
 from .report import LoadReport
 
-__all__ = ["load", "LoadReport", "SCHEMES", "Fp8StreamError", "CheckpointError", "UnsupportedModelError", "OutOfMemoryError"]
+__all__ = ["load", "export", "LoadReport", "SCHEMES", "Fp8StreamError", "CheckpointError", "UnsupportedModelError", "OutOfMemoryError"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""fp8stream command line: load, generate, demo. Errors are one line on stderr and exit code 2."""
+"""fp8stream command line: load, generate, demo, export. Errors are one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from .quantize import SCHEMES
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--scheme", default="fp8_per_channel", choices=SCHEMES)
+    p.add_argument("--scheme", default=None, choices=SCHEMES,
+                   help="default: a pre-quantized FP8 checkpoint's own scheme, else fp8_per_channel")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: build from config.json alone with random FP8 weights")
     p.add_argument("--staging-mib", type=float, default=256, help="device staging budget (MiB): peak <= final + this")
@@ -39,6 +40,27 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None)
     d.add_argument("--scheme", default="fp8_per_channel", choices=SCHEMES)
     d.add_argument("--cache-dir", default=None, help="where the bf16 safetensors conversion is kept")
+    x = sub.add_parser("export", help="write an FP8 checkpoint (compressed-tensors or fp8) that vLLM / SGLang / transformers load as is")
+    x.add_argument("path", help="full-precision checkpoint directory (only read)")
+    x.add_argument("out", help="output directory (new or empty; see --overwrite)")
+    x.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors", "fp8"))
+    x.add_argument("--scheme", default=None, choices=SCHEMES,
+                   help="default: fp8_per_channel for compressed-tensors, fp8_per_block for fp8 (its only scheme)")
+    x.add_argument("--ignore", nargs="*", default=[], metavar="REGEX",
+                   help="keep modules whose name matches (re.search) in full precision")
+    x.add_argument("--staging-mib", type=float, default=256, help="host memory per chunk of rows being quantized (MiB)")
+    x.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT (its other files are kept)")
+    x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    e = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of FP8 schemes against the bf16 model on a text")
+    e.add_argument("path", nargs="?", default=None, help="checkpoint directory (default: the demo's SmolLM2-135M-Instruct)")
+    e.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to stream (default: the English text shipped in the package)")
+    e.add_argument("--schemes", nargs="+", default=None, choices=SCHEMES, metavar="SCHEME", help=f"default: all ({', '.join(SCHEMES)})")
+    e.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
+    e.add_argument("--context", type=int, default=None, help="window length (default: all tokens in one window, up to the model's maximum)")
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    e.add_argument("--ignore", nargs="*", default=[], metavar="REGEX", help="keep these modules in full precision in the FP8 loads")
+    e.add_argument("--cache-dir", default=None, help="where the demo's bf16 conversion is kept (when PATH is omitted)")
+    e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout, no progress")
     return ap
 
 
@@ -96,6 +118,24 @@ def _run(args) -> int:
         print(model.fp8stream_report.summary(), file=sys.stderr)
         print(generate_text(model, tok, args.prompt, args.max_new_tokens))
         return 0
+    if args.command == "export":
+        import json
+
+        from .export import export
+
+        summary = export(args.path, args.out, format=args.format, scheme=args.scheme, ignore=args.ignore,
+                         staging_mib=args.staging_mib, overwrite=args.overwrite, progress=not args.json and sys.stderr.isatty())
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"wrote {summary['out_dir']}: {summary['format']} {summary['scheme']}, {summary['quantized_tensors']} FP8 tensors, "
+                  f"{summary['kept_tensors']} kept, {summary['bytes_written'] / 2**20:.1f} MiB in {summary['shards']} shard(s), "
+                  f"{summary['seconds']:.1f} s")
+        return 0
+    if args.command == "eval":
+        from .evaluate import run_eval
+
+        return run_eval(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import FLOAT_SOURCE_DTYPES, Checkpoint, TensorInfo
 from .errors import CheckpointError, UnsupportedModelError
+from .quantize import BLOCK, FP8_DTYPE
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,13 @@ def _natural_key(key: str):
     return [(0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in key.split(".")], key
 
 
-def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
-    """Map every checkpoint tensor onto the (meta) model's parameters; raise on anything that does not fit."""
+def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None = None) -> dict[str, TargetPlan]:
+    """Map every checkpoint tensor onto the (meta) model's parameters; raise on anything that does not fit.
+
+    `scale_suffix` ('weight_scale' / 'weight_scale_inv'): a pre-quantized FP8 checkpoint. F8_E4M3
+    weights are then planned like any weight, and each '<module>.<scale_suffix>' next to an FP8
+    '<module>.weight' is set aside: its rows follow the weight's (see `scale_pieces`).
+    """
     from transformers.core_model_loading import rename_source_key
 
     meta = dict(model.state_dict(keep_vars=True))
@@ -103,15 +109,21 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
 
     plans: dict[str, TargetPlan] = {}
     groups: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
+    fp8_ok = scale_suffix is not None
     for key in sorted(ckpt.tensors, key=_natural_key):
         info = ckpt.tensors[key]
+        if fp8_ok and key.endswith("." + scale_suffix):
+            weight = ckpt.tensors.get(key[: -len(scale_suffix)] + "weight")
+            if weight is None or weight.dtype != FP8_DTYPE:
+                raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (no FP8 weight '{key[: -len(scale_suffix)]}weight' next to it)")
+            continue
         target, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), meta)
         loose = _loose_match(key, renamings, converters)
         if loose is not None:
             raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (it only loosely resembles the checkpoint name pattern '{loose}')")
         if pattern is not None:
             conv = next(c for c in converters if pattern in c.source_patterns)
-            _check_float(info)
+            _check_float(info, fp8_ok)
             groups[(id(conv), target)].append((pattern, key))
             continue
         if target in tied:
@@ -124,7 +136,7 @@ def build_plan(model: nn.Module, ckpt: Checkpoint) -> dict[str, TargetPlan]:
         if info.shape != expected:
             raise CheckpointError(f"{info.file}: tensor '{key}' has shape {list(info.shape)} but the model's '{target}' is {list(expected)}")
         if target in params:
-            _check_float(info)
+            _check_float(info, fp8_ok)
         if target in plans:
             raise CheckpointError(f"{info.file}: tensors '{plans[target].sources[0]}' and '{key}' both map to the model's '{target}'")
         plan = TargetPlan(target, expected, sources=[key])
@@ -231,7 +243,9 @@ def _expert_members(conv, target: str, members: list[tuple[str, str]], ckpt: Che
     return [(p, found[p][i]) for p in conv.source_patterns for i in range(n)]
 
 
-def _check_float(info: TensorInfo) -> None:
+def _check_float(info: TensorInfo, fp8_ok: bool = False) -> None:
+    if fp8_ok and info.dtype == FP8_DTYPE:
+        return
     if info.dtype not in FLOAT_SOURCE_DTYPES:
         raise CheckpointError(f"{info.file}: tensor '{info.key}' has dtype {str(info.dtype).removeprefix('torch.')}, expected a float weight (bf16/fp16/fp32)")
 
@@ -293,3 +307,100 @@ def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[Targ
             plan.pieces.append(Piece(keys[s_], g - bases[s_], d0, n, shard_of[s_]))
         plans.append(plan)
     return plans
+
+
+# ---- pre-quantized FP8 checkpoints (fp8stream export, compressed-tensors, transformers' "fp8") ----
+
+_CT_SCHEMES = {"channel": "fp8_per_channel", "tensor": "fp8_per_tensor", "block": "fp8_per_block"}
+
+
+def prequantized_scheme(qc, cfg_path) -> tuple[str, str] | None:
+    """(scheme, scale tensor suffix) of a config.json `quantization_config`, None when there is none.
+
+    Understood: compressed-tensors "float-quantized" with one FP8 weight scheme (channel / tensor /
+    block 128x128, symmetric, static weights, dynamic or no input activations), and transformers'
+    "fp8" (FineGrainedFP8: 128x128 `weight_scale_inv`, dynamic activations). Anything else is refused:
+    fp8stream never requantizes or dequantizes a checkpoint that is already quantized.
+    """
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_path}: 'quantization_config' is not an object")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise UnsupportedModelError(f"{cfg_path}: fp8 checkpoint with activation_scheme '{qc.get('activation_scheme')}'; only dynamic activations are supported")
+        if qc.get("fmt", "e4m3") != "e4m3" or qc.get("scale_fmt", "float") != "float":
+            raise UnsupportedModelError(f"{cfg_path}: fp8 checkpoint with fmt '{qc.get('fmt')}' / scale_fmt '{qc.get('scale_fmt')}'; only e4m3 with float32 scales is supported")
+        if block is None:
+            return "fp8_per_tensor", "weight_scale_inv"
+        if list(block) != [BLOCK, BLOCK]:
+            raise UnsupportedModelError(f"{cfg_path}: fp8 checkpoint with weight_block_size {block}; only [{BLOCK}, {BLOCK}] is supported")
+        return "fp8_per_block", "weight_scale_inv"
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        if not isinstance(groups, dict) or not groups:
+            raise UnsupportedModelError(f"{cfg_path}: compressed-tensors checkpoint without config_groups")
+        schemes = set()
+        for name, g in groups.items():
+            w = (g or {}).get("weights") or {} if isinstance(g, dict) else {}
+            a = g.get("input_activations") if isinstance(g, dict) else None
+            fmt = (g.get("format") if isinstance(g, dict) else None) or qc.get("format")
+            strategy = w.get("strategy")
+            ok = (w.get("num_bits") == 8 and w.get("type") == "float" and w.get("symmetric", True) and not w.get("dynamic")
+                  and strategy in _CT_SCHEMES and fmt in ("float-quantized", "naive-quantized")
+                  and (strategy != "block" or list(w.get("block_structure") or []) == [BLOCK, BLOCK])
+                  and (a is None or (a.get("num_bits") == 8 and a.get("type") == "float" and a.get("dynamic") is True)))
+            if not ok:
+                raise UnsupportedModelError(
+                    f"{cfg_path}: compressed-tensors group '{name}' (format {fmt}, weights {json_brief(w)}, input_activations "
+                    f"{json_brief(a)}) is not an FP8 scheme fp8stream loads (8-bit float weights per channel / tensor / "
+                    f"{BLOCK}x{BLOCK} block, dynamic activations)")
+            schemes.add(_CT_SCHEMES[strategy])
+        if len(schemes) > 1:
+            raise UnsupportedModelError(f"{cfg_path}: compressed-tensors groups mix schemes {sorted(schemes)}; fp8stream loads one scheme per model")
+        return schemes.pop(), "weight_scale"
+    raise UnsupportedModelError(f"{cfg_path}: checkpoint is quantized with quant_method '{method}'; fp8stream loads full-precision "
+                                "checkpoints and FP8 ones (compressed-tensors float-quantized, fp8)")
+
+
+def json_brief(x) -> str:
+    import json
+
+    return json.dumps(x, sort_keys=True)[:160]
+
+
+def scale_pieces(plan: TargetPlan, ckpt: Checkpoint, scheme: str, suffix: str) -> list[tuple[str, Piece]]:
+    """For an FP8 parameter of a pre-quantized checkpoint: (scale tensor, weight piece) for every piece.
+
+    The scales follow the weight rows transformers' conversion put where (the plan's pieces): per
+    channel a source's [rows, 1] scales land on the same destination rows as its weight rows; per
+    tensor its one scale is broadcast over them; per block its [ceil(rows/128), ceil(K/128)] scales
+    land on the destination's block rows, which needs every source to start on a 128-row boundary of
+    its slice (what vLLM and transformers require of fused block-quantized weights too). Checked here,
+    before any byte is read.
+    """
+    out = []
+    n, k = plan.shape[-2], plan.shape[-1]
+    for p in plan.pieces:
+        w = ckpt.tensors[p.key]
+        if not p.key.endswith(".weight") or len(w.shape) != 2:
+            raise UnsupportedModelError(f"{w.file}: FP8 tensor '{p.key}' (shape {list(w.shape)}) is not a 2-D '<module>.weight'; cannot load its scales")
+        skey = p.key[: -len("weight")] + suffix
+        s = ckpt.tensors.get(skey)
+        if s is None:
+            raise CheckpointError(f"{w.file}: FP8 tensor '{p.key}' has no scale tensor '{skey}' in the checkpoint")
+        rows = w.shape[0]
+        expected = {"fp8_per_channel": [(rows, 1), (rows,)], "fp8_per_tensor": [(), (1,)],
+                    "fp8_per_block": [(-(-rows // BLOCK), -(-k // BLOCK))]}[scheme]
+        if s.shape not in expected:
+            raise CheckpointError(f"{s.file}: scale tensor '{skey}' has shape {list(s.shape)}, expected {list(expected[0])} for {scheme} weight '{p.key}' {list(w.shape)}")
+        if s.dtype not in FLOAT_SOURCE_DTYPES:
+            raise CheckpointError(f"{s.file}: scale tensor '{skey}' has dtype {str(s.dtype).removeprefix('torch.')}, expected float32")
+        if scheme == "fp8_per_block":
+            start = p.dst_row % n
+            if not (p.src_row % BLOCK == 0 and start % BLOCK == 0 and (p.rows % BLOCK == 0 or (p.src_row + p.rows == rows and start + p.rows == n))):
+                raise UnsupportedModelError(f"{w.file}: block-quantized '{p.key}' lands at row {start} of '{plan.name}', not on a {BLOCK}-row block boundary; its block scales cannot be fused")
+        out.append((skey, p))
+    return out

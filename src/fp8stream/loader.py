@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 
 from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
 from .errors import CheckpointError, Fp8StreamError
-from .load_plan import TargetPlan, build_meta_model, build_plan
+from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
 from .pipeline import Prefetcher, Request, host_view, read_now
 from .modules import FP8Experts, FP8Linear, replace_with_fp8
@@ -427,10 +428,75 @@ def _raise_kept_non_finite(t: _Target, src: _Source, dst_flat, flat: int, width,
     raise CheckpointError(f"'{t.name}' contains NaN or Inf")
 
 
+def _fp8_sources(plan: TargetPlan | None, ckpt: Checkpoint | None) -> bool:
+    return plan is not None and any(ckpt.tensors[k].dtype == FP8_DTYPE for k in plan.sources)
+
+
+def _full_precision_modules(model: nn.Module, plans: dict[str, TargetPlan], ckpt: Checkpoint) -> list[str]:
+    """Pre-quantized checkpoint: modules whose weights are stored in full precision stay so (as vLLM does),
+    as ignore patterns; a module is quantized only when its checkpoint weights are FP8."""
+    out = []
+    for name, module in model.named_modules():
+        attrs = ["weight"] if isinstance(module, nn.Linear) else [a for a in ("gate_up_proj", "down_proj") if isinstance(getattr(module, a, None), nn.Parameter)]
+        if attrs and not all(_fp8_sources(plans.get(f"{name}.{a}"), ckpt) for a in attrs):
+            out.append(rf"^{re.escape(name)}$")
+    return out
+
+
+def _check_prequantized(targets: list[_Target], ckpt: Checkpoint, scheme: str, suffix: str) -> dict[str, list]:
+    """Every FP8 checkpoint tensor must land in an FP8 parameter (no dequantization), whole; its scales are planned."""
+    scales = {}
+    for t in targets:
+        if t.plan is None or not _fp8_sources(t.plan, ckpt):
+            continue
+        key = next(k for k in t.plan.sources if ckpt.tensors[k].dtype == FP8_DTYPE)
+        if t.scale_attr is None:
+            raise CheckpointError(f"{ckpt.tensors[key].file}: tensor '{key}' is stored in FP8 but the model's '{t.name}' is kept in "
+                                  "full precision (--ignore, or a Linear whose dims are not multiples of 16); fp8stream does not dequantize")
+        other = next((k for k in t.plan.sources if ckpt.tensors[k].dtype != FP8_DTYPE), None)
+        if other is not None:
+            raise CheckpointError(f"{ckpt.tensors[other].file}: tensor '{other}' is {str(ckpt.tensors[other].dtype).removeprefix('torch.')} "
+                                  f"but '{key}', fused with it into '{t.name}', is FP8")
+        scales[t.name] = scale_pieces(t.plan, ckpt, scheme, suffix)
+    return scales
+
+
+def _load_prequantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device, scales: list) -> None:
+    """FP8 rows of a pre-quantized checkpoint copied as they are into the final storage; scales placed as planned."""
+    weight = t.module._parameters[t.attr]
+    shape = tuple(weight.shape)
+    n, k = shape[-2], shape[-1]
+    flat = math.prod(shape[:-1])
+    w = torch.empty(shape, dtype=FP8_DTYPE, device=device)
+    s = torch.empty(tuple(t.module._parameters[t.scale_attr].shape), dtype=torch.float32, device=device)
+    ledger.add_final(w.nbytes + s.nbytes)
+    w_flat = w.view(flat, k)
+    for d0, d1 in c.rows:
+        ledger.stage((d1 - d0) * k)
+        w_flat[d0:d1] = src.rows(t.plan, d0, d1, k, t.name)
+        ledger.unstage((d1 - d0) * k)
+    s_rows = s.view(-1, *s.shape[-2:]) if scheme == "fp8_per_block" else s.view(-1)
+    for skey, p in scales:
+        info = src.ckpt.tensors[skey]
+        x = src.key_rows(skey, 0, info.flat_shape[0] if info.shape else 1).float()
+        if not torch.isfinite(x).all() or not (x > 0).all():
+            raise CheckpointError(f"{info.file}: scale tensor '{skey}' has a value that is not a positive finite number")
+        if scheme == "fp8_per_block":
+            lead, r0 = divmod(p.dst_row, n)
+            b0, nb = p.src_row // BLOCK, -(-p.rows // BLOCK)
+            s_rows[lead, r0 // BLOCK : r0 // BLOCK + nb] = x[b0 : b0 + nb]
+        elif scheme == "fp8_per_tensor":
+            s_rows[p.dst_row : p.dst_row + p.rows] = x.reshape(())
+        else:
+            s_rows[p.dst_row : p.dst_row + p.rows] = x.reshape(-1)[p.src_row : p.src_row + p.rows]
+    t.module._parameters[t.attr] = nn.Parameter(w, requires_grad=False)
+    t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "cuda",
-    scheme: str = "fp8_per_channel",
+    scheme: str | None = None,
     *,
     load_format: str = "auto",
     staging_mib: float = 256,
@@ -447,9 +513,11 @@ def load(
     `fp8stream_report` attribute is a LoadReport. Raises Fp8StreamError (one-line message) on bad input.
     `read_threads` positional reads run in parallel into `prefetch_buffers` pinned host buffers of one
     staging chunk each (CUDA); `timeline` names a PNG to draw memory and progress against time (its
-    data goes next to it as JSON).
+    data goes next to it as JSON). `scheme` defaults to the checkpoint's own for a pre-quantized FP8
+    checkpoint (config.json quantization_config: its FP8 bytes are copied, never requantized; another
+    scheme is an error), else fp8_per_channel.
     """
-    if scheme not in SCHEMES:
+    if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
     if load_format not in ("auto", "dummy"):
         raise Fp8StreamError(f"unknown load format '{load_format}' (auto or dummy)")
@@ -458,6 +526,11 @@ def load(
     path = Path(path)
     dev = _device(device)
     config = _load_config(path)
+    pre = prequantized_scheme(json.loads((path / "config.json").read_bytes()).get("quantization_config"), path / "config.json")
+    if pre is not None and scheme is not None and scheme != pre[0]:
+        raise Fp8StreamError(f"{path / 'config.json'}: checkpoint is already quantized as {pre[0]}; loading it as {scheme} would "
+                             "need requantization (omit --scheme)")
+    scheme = pre[0] if pre is not None else scheme or "fp8_per_channel"
     if read_threads < 1 or prefetch_buffers < 1:
         raise Fp8StreamError(f"read threads and prefetch buffers must be >= 1 (got {read_threads}, {prefetch_buffers})")
     ckpt = Checkpoint(path, read_threads=read_threads) if load_format == "auto" else None
@@ -473,16 +546,18 @@ def load(
         raise CheckpointError(f"{path / 'config.json'}: cannot build the {config.model_type} model it describes ({type(e).__name__}: {first})") from None
     src_itemsize = dtype.itemsize
     if ckpt is not None:
-        float_sizes = [i.dtype.itemsize for i in ckpt.tensors.values() if i.dtype.is_floating_point]
+        float_sizes = [i.dtype.itemsize for i in ckpt.tensors.values() if i.dtype.is_floating_point and i.dtype.itemsize > 1]
         src_itemsize = max(set(float_sizes), key=float_sizes.count) if float_sizes else dtype.itemsize
     full_precision = sum(p.numel() for p in model.parameters()) * src_itemsize
-    plans = build_plan(model, ckpt) if ckpt is not None else None
+    plans = build_plan(model, ckpt, scale_suffix=pre[1] if pre else None) if ckpt is not None else None
 
     ignore = list(DEFAULT_IGNORE) + list(ignore)
     out_emb = model.get_output_embeddings()
     if out_emb is not None:
         out_name = next(n for n, m in model.named_modules() if m is out_emb)
         ignore.append(rf"^{out_name}$")
+    if pre is not None and plans is not None:
+        ignore += _full_precision_modules(model, plans, ckpt)
     try:
         quantized, kept_modules = replace_with_fp8(model, scheme, ignore, dtype)
     except Exception as e:
@@ -490,6 +565,7 @@ def load(
             raise
         raise Fp8StreamError(f"--ignore: {e}") from None
     targets = _targets(model, plans)
+    scales = _check_prequantized(targets, ckpt, scheme, pre[1]) if pre is not None and ckpt is not None else {}
     final_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
     staging = int(staging_mib * 2**20)
     ledger = MemoryLedger(dev, staging)
@@ -498,6 +574,9 @@ def load(
     src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers)
     work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
             for t in targets]
+    for t, c in work:
+        if t.name in scales:
+            c.amax_reads = []  # stored FP8: no amax pass
     t0 = time.perf_counter()
     sampler = Sampler(dev, src, interval_s=0.005)
     ledger.start(sampler)
@@ -509,7 +588,10 @@ def load(
         bar = tqdm(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
         with torch.no_grad():
             for t, chunks in bar:
-                if t.scale_attr is not None:
+                if t.name in scales:
+                    _load_prequantized(t, chunks, src, ledger, scheme, dev, scales[t.name])
+                    n_quant += 1
+                elif t.scale_attr is not None:
                     _load_quantized(t, chunks, src, ledger, scheme, dev)
                     n_quant += 1
                 else:
