@@ -284,14 +284,17 @@ def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[Request
     return out
 
 
-def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device) -> None:
-    weight = t.module._parameters[t.attr]
-    shape = tuple(weight.shape)
-    n, k = shape[-2], shape[-1]
-    flat = math.prod(shape[:-1])
+def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device):
+    """The final storage of an FP8 parameter and its scales, allocated once at full size."""
+    shape = tuple(t.module._parameters[t.attr].shape)
     w = torch.empty(shape, dtype=FP8_DTYPE, device=device)
     s = torch.empty(tuple(t.module._parameters[t.scale_attr].shape), dtype=torch.float32, device=device)
     ledger.add_final(w.nbytes + s.nbytes)
+    return w, s, shape[-2], shape[-1], math.prod(shape[:-1])
+
+
+def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device) -> None:
+    w, s, n, k, flat = _alloc_fp8(t, ledger, device)
     w_flat = w.view(flat, k)
     itemsize = src.itemsize(t.plan)
     block = scheme == "fp8_per_block"
@@ -463,13 +466,7 @@ def _check_prequantized(targets: list[_Target], ckpt: Checkpoint, scheme: str, s
 
 def _load_prequantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device, scales: list) -> None:
     """FP8 rows of a pre-quantized checkpoint copied as they are into the final storage; scales placed as planned."""
-    weight = t.module._parameters[t.attr]
-    shape = tuple(weight.shape)
-    n, k = shape[-2], shape[-1]
-    flat = math.prod(shape[:-1])
-    w = torch.empty(shape, dtype=FP8_DTYPE, device=device)
-    s = torch.empty(tuple(t.module._parameters[t.scale_attr].shape), dtype=torch.float32, device=device)
-    ledger.add_final(w.nbytes + s.nbytes)
+    w, s, n, k, flat = _alloc_fp8(t, ledger, device)
     w_flat = w.view(flat, k)
     for d0, d1 in c.rows:
         ledger.stage((d1 - d0) * k)
