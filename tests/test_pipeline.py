@@ -45,10 +45,13 @@ def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatc
     ckpt = Checkpoint(tmp_path, read_threads=4)
     parts, seen = [], set()
     real = Checkpoint._pread
+    two_at_once = threading.Barrier(2, timeout=10)  # the first two parts must be in flight together
 
     def spy(self, info, offset, view):
         parts.append((offset, len(view)))
         seen.add(threading.current_thread().name)
+        if len(parts) <= 2:
+            two_at_once.wait()
         return real(self, info, offset, view)
 
     monkeypatch.setattr(Checkpoint, "_pread", spy)
