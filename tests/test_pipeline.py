@@ -1,5 +1,6 @@
 """The reading pipeline: positional byte-range reads, the read-ahead pool, errors in reader threads, the timeline."""
 
+import itertools
 import json
 import threading
 
@@ -46,11 +47,13 @@ def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatc
     parts, seen = [], set()
     real = Checkpoint._pread
     two_at_once = threading.Barrier(2, timeout=10)  # the first two parts must be in flight together
+    calls = itertools.count()
 
     def spy(self, info, offset, view):
+        nth = next(calls)  # atomic: exactly the first two calls wait
         parts.append((offset, len(view)))
         seen.add(threading.current_thread().name)
-        if len(parts) <= 2:
+        if nth < 2:
             two_at_once.wait()
         return real(self, info, offset, view)
 
