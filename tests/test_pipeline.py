@@ -40,7 +40,7 @@ def test_byte_ranges_are_exact_rows(two_tensor_ckpt):
 
 def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatch):
 
-    x = torch.randn(2048, 1024)  # 8 MiB: split into >= 1 MiB parts over the reader threads
+    x = torch.randn(8192, 1024)  # 32 MiB: split into >= 4 MiB parts over the reader threads
     save_file({"x": x}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     ckpt = Checkpoint(tmp_path, read_threads=4)
@@ -58,7 +58,7 @@ def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatc
         return real(self, info, offset, view)
 
     monkeypatch.setattr(Checkpoint, "_pread", spy)
-    assert torch.equal(ckpt.read_rows("x", 3, 2047), x[3:2047])
+    assert torch.equal(ckpt.read_rows("x", 3, 8191), x[3:8191])
     assert len(parts) >= 4 and len(seen) > 1
     parts.sort()
     for (o1, n1), (o2, _) in zip(parts, parts[1:]):
@@ -81,6 +81,35 @@ def test_prefetcher_serves_requests_in_order_with_a_small_pool(two_tensor_ckpt):
         want = ref["a"][i * 8 : i * 8 + 8] if i < 8 else ref["b"].reshape(-1, 32)[38:42]
         assert torch.equal(got, want), i
     pf.close()
+    ckpt.close()
+    assert not _fp8stream_threads()
+
+
+def test_prefetcher_reads_several_items_at_once_in_small_parts(two_tensor_ckpt, monkeypatch):
+    """Items are cut into parts on the reader pool, several items in flight; each is reassembled exactly,
+    and closing drops every buffer only after the readers are done."""
+    ckpt, ref = two_tensor_ckpt
+    reqs = [Request((("a", i, i + 16),), torch.bfloat16, 16 * 48 * 2) for i in range(0, 64, 16)]
+    real = Checkpoint._pread
+    both = threading.Barrier(2, timeout=10)  # a part of item 0 and a part of item 1 must overlap
+    calls, later_calls = itertools.count(), itertools.count()
+
+    def spy(self, info, offset, view):
+        # the first part of item 0 waits until a part of a later item is being read: that only happens
+        # if items are in flight together (else the barrier times out and the load fails)
+        if next(calls) == 0 or (offset >= ckpt.tensors["a"].offset + 16 * 96 and next(later_calls) == 0):
+            both.wait()
+        return real(self, info, offset, view)
+
+    monkeypatch.setattr(Checkpoint, "_pread", spy)
+    pf = Prefetcher(ckpt, reqs, buffers=3, pinned=False, part_size=500)  # 1536-byte items: 4 parts each
+    for i, req in enumerate(reqs):
+        buf, slot = pf.take(i)
+        assert torch.equal(host_view(ckpt, req, buf), ref["a"][i * 16 : i * 16 + 16]), i
+        pf.release(slot, None)
+    pf.close()
+    assert pf._bufs == [None] * 3 and pf._in_flight == 0
+    ckpt.close()
     assert not _fp8stream_threads()
 
 

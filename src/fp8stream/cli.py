@@ -20,7 +20,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", nargs="*", default=[], metavar="REGEX",
                    help="keep modules whose name matches (re.search) in full precision")
     p.add_argument("--read-threads", type=int, default=None, help="parallel positional reads (default: min(16, cores))")
-    p.add_argument("--prefetch-buffers", type=int, default=4, help="pinned host buffers read ahead of the GPU (one staging chunk each)")
+    p.add_argument("--prefetch-buffers", type=int, default=8, help="pinned host buffers read ahead of the GPU (one staging chunk each)")
     p.add_argument("--timeline", default=None, metavar="FILE.png",
                    help="draw device memory, host RSS and bytes loaded against time (data also in FILE.json)")
 

@@ -150,7 +150,7 @@ class _Source:
     """
 
     def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 prefetch_buffers: int = 4):
+                 prefetch_buffers: int = 8):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.gen = torch.Generator(device=device).manual_seed(seed) if ckpt is None else None
         self.prefetch_buffers = prefetch_buffers
@@ -293,7 +293,7 @@ def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device):
     return w, s, shape[-2], shape[-1], math.prod(shape[:-1])
 
 
-def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device) -> None:
+def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device):
     w, s, n, k, flat = _alloc_fp8(t, ledger, device)
     w_flat = w.view(flat, k)
     itemsize = src.itemsize(t.plan)
@@ -318,12 +318,11 @@ def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, 
         w_flat[d0:d1] = q
         del x, q
         ledger.unstage(staged)
-    # NaN / Inf in a weight makes its scale non-finite. Checked once per parameter (a check per chunk
-    # would stall the device pipeline); the load fails before the model is returned.
-    if not torch.isfinite(s).all():
-        _raise_non_finite(t, src, s, block, flat, n, k)
     t.module._parameters[t.attr] = nn.Parameter(w, requires_grad=False)
     t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
+    # NaN / Inf in a weight makes its scale non-finite: a device flag, read once at the end of the load
+    # (reading it here would stall the pipeline once per parameter); the load fails before it returns.
+    return torch.isfinite(s).all(), lambda: _raise_non_finite(t, src, s, block, flat, n, k)
 
 
 def _raise_non_finite(t: _Target, src: _Source, s: torch.Tensor, block: bool, flat: int, n: int, k: int) -> None:
@@ -379,7 +378,7 @@ def _row_scales(plan: TargetPlan | None, shard_scales: torch.Tensor, d0: int, d1
     return out
 
 
-def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype: torch.dtype, device: torch.device) -> None:
+def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype: torch.dtype, device: torch.device):
     p = t.module._parameters[t.attr]
     shape = tuple(p.shape)
     out_dtype = dtype if p.dtype.is_floating_point else p.dtype
@@ -413,9 +412,10 @@ def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype
                 finite &= torch.isfinite(out).all()
             del x, out
             ledger.unstage(staged)
-        if not finite:
-            _raise_kept_non_finite(t, src, dst_flat, flat, width, step, out_dtype)
+        t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
+        return finite, lambda: _raise_kept_non_finite(t, src, dst_flat, flat, width, step, out_dtype)
     t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
+    return None
 
 
 def _raise_kept_non_finite(t: _Target, src: _Source, dst_flat, flat: int, width, step: int, out_dtype) -> None:
@@ -501,7 +501,7 @@ def load(
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
     read_threads: int = DEFAULT_READ_THREADS,
-    prefetch_buffers: int = 4,
+    prefetch_buffers: int = 8,
     timeline: str | Path | None = None,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
@@ -583,17 +583,21 @@ def load(
 
         src.start(_schedule(src, work))
         bar = tqdm(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
+        checks = []  # (device flag: all finite, raises the one-line error naming the tensor)
         with torch.no_grad():
             for t, chunks in bar:
                 if t.name in scales:
                     _load_prequantized(t, chunks, src, ledger, scheme, dev, scales[t.name])
                     n_quant += 1
                 elif t.scale_attr is not None:
-                    _load_quantized(t, chunks, src, ledger, scheme, dev)
+                    checks.append(_load_quantized(t, chunks, src, ledger, scheme, dev))
                     n_quant += 1
                 else:
-                    _load_kept(t, chunks, src, ledger, dtype, dev)
+                    checks.append(_load_kept(t, chunks, src, ledger, dtype, dev))
                     n_kept += 1
+            checks = [c for c in checks if c is not None]
+            if checks and not torch.stack([flag for flag, _ in checks]).all():  # the one sync for all of them
+                next(raise_ for flag, raise_ in checks if not flag)()
             for module in model.modules():
                 for name, buf in list(module._buffers.items()):
                     if buf is not None:  # constructed buffers (rotary inv_freq, ...) are part of the final footprint
