@@ -71,6 +71,25 @@ def write_shard(path: Path, keys: list[str], tensors: dict, device: str, seed: i
     save_file(data, str(path), metadata={"format": "pt"})
 
 
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+
+
+def write_sparse_shard(path: Path, keys: list[str], tensors: dict) -> None:
+    """The real safetensors header and a sparse (all-zero, no disk blocks) data section: for timing the
+    setup (headers, plan) of a huge checkpoint on a small disk. Not loadable as weights that mean anything."""
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for key in keys:
+        shape, dtype = tensors[key]
+        n = nbytes(shape, dtype)
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + at)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config_dir", help="directory holding config.json")
@@ -80,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where random values are generated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true", help="print the tensor count and bytes, write nothing")
+    ap.add_argument("--sparse", action="store_true", help="real headers, all-zero sparse data (setup timing only)")
     args = ap.parse_args(argv)
     if not args.dry_run and not args.out_dir:
         ap.error("out_dir is required unless --dry-run")
@@ -96,7 +116,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # save_file releases the GIL: writes overlap
-        jobs = [pool.submit(write_shard, out / n, keys, tensors, args.device, args.seed + i)
+        jobs = [pool.submit(write_sparse_shard, out / n, keys, tensors) if args.sparse else
+                pool.submit(write_shard, out / n, keys, tensors, args.device, args.seed + i)
                 for i, (n, keys) in enumerate(zip(names, shards))]
         for job in jobs:
             job.result()

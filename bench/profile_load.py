@@ -135,6 +135,19 @@ def main():
                           "peak_minus_final_MiB": (m.fp8stream_report.peak_bytes - m.fp8stream_report.final_bytes) / 2**20})
         del m
         torch.cuda.empty_cache()
+    # knobs: reader threads, pinned buffers, the interpreter's GIL switch interval (readers vs the loader thread)
+    default_interval = sys.getswitchinterval()
+    for threads, buffers, interval in ((16, 8, None), (8, 8, None), (16, 16, None), (16, 8, 0.0005), (8, 16, 0.0005), (32, 16, 0.0005)):
+        if interval is not None:
+            sys.setswitchinterval(interval)
+        t0 = time.perf_counter()
+        m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False, read_threads=threads, prefetch_buffers=buffers)
+        torch.cuda.synchronize()
+        emit(f"sweep_threads{threads}_buffers{buffers}_switch{interval or default_interval}",
+             {"wall_s": time.perf_counter() - t0, "report_s": m.fp8stream_report.load_seconds})
+        sys.setswitchinterval(default_interval)
+        del m
+        torch.cuda.empty_cache()
     prof = cProfile.Profile()
     prof.enable()
     m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False)

@@ -115,10 +115,10 @@ def _clear_checkpoint_files(out: Path) -> None:
             f.unlink()
 
 
-def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str) -> int:
-    from .loader import _rows_per_chunk as rows_per_chunk  # the loader's chunking: same row groups, same budget
+def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str, block: bool) -> int:
+    from .loader import _STAGE_BYTES_PER_ELEM, _rows_per_chunk as rows_per_chunk  # the loader's chunking and budget
 
-    return rows_per_chunk(width, src_itemsize, staging, align, name)
+    return rows_per_chunk(width, src_itemsize, staging, align, name, _STAGE_BYTES_PER_ELEM["blocks" if block else "rows"])
 
 
 def _module_of(key: str) -> str:
@@ -251,7 +251,7 @@ class _Exporter:
         n, k = info.shape
         block = self.scheme == "fp8_per_block"
         itemsize = info.dtype.itemsize
-        step = _rows_per_chunk(k, itemsize, self.staging, BLOCK if block and n >= BLOCK else 1, info.key)
+        step = _rows_per_chunk(k, itemsize, self.staging, BLOCK if block and n >= BLOCK else 1, info.key, block)
         if block:
             step = min(step, math.ceil(n / BLOCK) * BLOCK)
             scales = torch.empty(math.ceil(n / BLOCK), math.ceil(k / BLOCK))

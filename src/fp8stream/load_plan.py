@@ -166,10 +166,11 @@ def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None =
         if target not in meta and not any(k.startswith(module + ".") for k in meta):
             key = members[0][1]
             raise CheckpointError(f"{ckpt.tensors[key].file}: unexpected tensor '{key}' (the {type(model).__name__} built from config.json has no '{target}')")
+    probed: dict = {}  # every layer of a model fuses the same shapes the same way: probe each kind once
     for (conv_id, target), members in groups.items():
         conv = next(c for c in converters if id(c) == conv_id)
         members = _expert_members(conv, target, members, ckpt, renamings, meta)
-        for plan in _probe_converter(model, conv, target, members, ckpt.tensors, meta):
+        for plan in _probe_converter(model, conv, target, members, ckpt.tensors, meta, probed):
             if plan.name in plans:
                 raise CheckpointError(f"{ckpt.tensors[plans[plan.name].sources[0]].file}: tensor '{plans[plan.name].sources[0]}' and tensors like '{members[0][1]}' both map to the model's '{plan.name}'")
             plans[plan.name] = plan
@@ -268,15 +269,54 @@ def _check_float(info: TensorInfo, fp8_ok: bool = False) -> None:
         raise CheckpointError(f"{info.file}: tensor '{info.key}' has dtype {str(info.dtype).removeprefix('torch.')}, expected a float weight (bf16/fp16/fp32)")
 
 
-def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[TargetPlan]:
-    """Run a WeightConverter's operations on [rows, 1] index tensors to learn each source row's destination."""
-    collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+def _probe_converter(model, conv, layer_name, members, infos, meta, cache: dict | None = None) -> list[TargetPlan]:
+    """Run a WeightConverter's operations on [rows, 1] index tensors to learn each source row's destination.
+
+    The result depends only on the converter and the members' patterns and shapes, so `cache` (one per
+    plan) keeps it: the first layer is probed, the other layers reuse its runs with their own keys.
+    """
     keys = [key for _, key in members]
+    for _, key in members:
+        if len(infos[key].shape) not in (1, 2):
+            raise UnsupportedModelError(f"{infos[key].file}: tensor '{key}' ({len(infos[key].shape)}-D) feeds a fused parameter; only 1-D/2-D sources can be streamed")
+    signature = (id(conv), tuple((pattern, infos[key].shape) for pattern, key in members))
+    runs = cache.get(signature) if cache is not None else None
+    if runs is None:
+        runs = _probe_runs(model, conv, layer_name, members, infos)
+        if cache is not None:
+            cache[signature] = runs
+
+    full = layer_name.replace("*.", "0.")
+    plans = []
+    for tpat, probe_shape, pieces, first_seen in runs:
+        prefix, _, suffix = full.partition(tpat) if tpat in full else ("", "", "")
+        name = prefix + tpat + suffix if tpat in full else tpat
+        if name not in meta:
+            raise CheckpointError(f"{infos[members[0][1]].file}: tensors like '{members[0][1]}' convert to '{name}', which the model does not have")
+        shape = tuple(meta[name].shape)
+        widths = {infos[k].shape[-1] for k in keys if len(infos[k].shape) == 2}
+        two_d = len(widths) > 0
+        if two_d and (widths != {shape[-1]} or probe_shape != shape[:-1] + (1,)):
+            if len(probe_shape) >= 2 and probe_shape[-1] != 1:
+                raise UnsupportedModelError(f"'{name}': its checkpoint conversion ({', '.join(type(o).__name__ for o in conv.operations)}) moves data across columns; cannot stream it")
+            raise CheckpointError(f"{infos[keys[0]].file}: tensors like '{keys[0]}' (width {sorted(widths)}, {len(keys)} tensors) do not fill '{name}' of shape {list(shape)}")
+        if not two_d and probe_shape != shape:
+            raise CheckpointError(f"{infos[keys[0]].file}: tensors like '{keys[0]}' do not fill '{name}' of shape {list(shape)}")
+        if isinstance(pieces, str):
+            raise UnsupportedModelError(f"'{name}': {pieces}")
+        plan = TargetPlan(name, shape, sources=[keys[s_] for s_ in first_seen])
+        plan.pieces.extend(Piece(keys[s_], src_row, d0, n, shard) for s_, src_row, d0, n, shard in pieces)
+        plans.append(plan)
+    return plans
+
+
+def _probe_runs(model, conv, layer_name, members, infos) -> list:
+    """(target pattern, probe shape, [(source index, source row, destination row, rows, shard)], sources in
+    destination order) for each output of the converter, from index tensors pushed through its ops."""
+    collected: dict[str, list[torch.Tensor]] = defaultdict(list)
     bases = [0]  # source i owns global probe indices [bases[i], bases[i + 1])
     for pattern, key in members:
         shape = infos[key].shape
-        if len(shape) not in (1, 2):
-            raise UnsupportedModelError(f"{infos[key].file}: tensor '{key}' ({len(shape)}-D) feeds a fused parameter; only 1-D/2-D sources can be streamed")
         base = bases[-1]
         bases.append(base + shape[0])
         probe = torch.arange(base, base + shape[0], dtype=torch.float64)
@@ -290,26 +330,12 @@ def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[Targ
         first = members[0][1]
         raise CheckpointError(f"{infos[first].file}: tensors like '{first}' cannot be fused into '{layer_name}' ({type(e).__name__}: {e})") from None
 
-    full = layer_name.replace("*.", "0.")
-    plans = []
+    runs = []
     for tpat, probe in out.items():
-        prefix, _, suffix = full.partition(tpat) if tpat in full else ("", "", "")
-        name = prefix + tpat + suffix if tpat in full else tpat
-        if name not in meta:
-            raise CheckpointError(f"{infos[members[0][1]].file}: tensors like '{members[0][1]}' convert to '{name}', which the model does not have")
-        shape = tuple(meta[name].shape)
-        srcs = [k for _, k in members]
-        widths = {infos[k].shape[-1] for k in srcs if len(infos[k].shape) == 2}
-        two_d = len(widths) > 0
-        if two_d and (widths != {shape[-1]} or tuple(probe.shape) != shape[:-1] + (1,)):
-            if probe.dim() >= 2 and probe.shape[-1] != 1:
-                raise UnsupportedModelError(f"'{name}': its checkpoint conversion ({', '.join(type(o).__name__ for o in conv.operations)}) moves data across columns; cannot stream it")
-            raise CheckpointError(f"{infos[srcs[0]].file}: tensors like '{srcs[0]}' (width {sorted(widths)}, {len(srcs)} tensors) do not fill '{name}' of shape {list(shape)}")
-        if not two_d and tuple(probe.shape) != shape:
-            raise CheckpointError(f"{infos[srcs[0]].file}: tensors like '{srcs[0]}' do not fill '{name}' of shape {list(shape)}")
         ids = probe.reshape(-1).to(torch.int64)
         if int(torch.bincount(ids, minlength=bases[-1]).max()) > 1:
-            raise UnsupportedModelError(f"'{name}': its checkpoint conversion repeats source rows; cannot stream it")
+            runs.append((tpat, tuple(probe.shape), "its checkpoint conversion repeats source rows; cannot stream it", []))
+            continue
         # Vectorised: which source each destination row comes from, and where runs of consecutive rows of
         # one source start (a fused expert parameter has ~100k rows; a Python loop per row is too slow).
         starts = torch.tensor(bases, dtype=torch.int64)
@@ -318,13 +344,12 @@ def _probe_converter(model, conv, layer_name, members, infos, meta) -> list[Targ
         breaks[1:] = (ids[1:] != ids[:-1] + 1) | (src[1:] != src[:-1])
         run_dst = breaks.nonzero().flatten()
         run_len = torch.diff(run_dst, append=torch.tensor([ids.numel()]))
-        first_seen = dict.fromkeys(src[run_dst].tolist())  # sources in destination order = shard order
+        first_seen = list(dict.fromkeys(src[run_dst].tolist()))  # sources in destination order = shard order
         shard_of = {s_: i for i, s_ in enumerate(first_seen)}
-        plan = TargetPlan(name, shape, sources=[keys[s_] for s_ in first_seen])
-        for d0, n, s_, g in zip(run_dst.tolist(), run_len.tolist(), src[run_dst].tolist(), ids[run_dst].tolist()):
-            plan.pieces.append(Piece(keys[s_], g - bases[s_], d0, n, shard_of[s_]))
-        plans.append(plan)
-    return plans
+        pieces = [(s_, g - bases[s_], d0, n, shard_of[s_])
+                  for d0, n, s_, g in zip(run_dst.tolist(), run_len.tolist(), src[run_dst].tolist(), ids[run_dst].tolist())]
+        runs.append((tpat, tuple(probe.shape), pieces, first_seen))
+    return runs
 
 
 # ---- pre-quantized FP8 checkpoints (fp8stream export, compressed-tensors, transformers' "fp8") ----

@@ -34,9 +34,10 @@ log = logging.getLogger("fp8stream")
 # Kept in full precision unless the user asks otherwise: MoE routers and shared-expert gates (tiny,
 # and routing decisions are sensitive); the output embedding is added by name at load time.
 DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
-# Device bytes per staged element while quantizing: the source element, its float32 copy, one float32
-# temporary (abs for amax), and the fp8 result.
-_STAGE_BYTES_PER_ELEM = 4 + 4 + 1
+# Device bytes per staged element while quantizing, besides the source element itself. Rows: the float32
+# copy and the fp8 result (the row amax comes from aminmax in the source dtype: no full-size temporary).
+# Blocks: also the per-element float32 scale (abs and padding in the source dtype are gone by then).
+_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1}
 
 
 @dataclass
@@ -118,8 +119,8 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
-def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str) -> int:
-    per_row = width * (src_itemsize + _STAGE_BYTES_PER_ELEM)
+def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str, extra: int) -> int:
+    per_row = width * (src_itemsize + extra)
     rows = staging // max(per_row, 1)
     rows = rows // align * align
     if rows < 1:
@@ -253,7 +254,8 @@ def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _C
     shape = tuple(t.module._parameters[t.attr].shape)
     n, k = shape[-2], shape[-1]
     block = scheme == "fp8_per_block"
-    step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name)
+    step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name,
+                           _STAGE_BYTES_PER_ELEM["blocks" if block else "rows"])
     if block:
         step = min(step, math.ceil(n / BLOCK) * BLOCK)
     amax_reads = []
@@ -265,11 +267,16 @@ def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _C
     return _Chunks(step, amax_reads, list(_chunks(math.prod(shape[:-1]), n, step, per_slice=block)))
 
 
+def _kept_extra(t: _Target) -> int:
+    return t.module._parameters[t.attr].dtype.itemsize + 3
+
+
 def _kept_chunks(t: _Target, src: _Source, staging: int) -> _Chunks:
     shape = tuple(t.module._parameters[t.attr].shape)
     width = shape[-1] if len(shape) >= 2 else None
     flat = math.prod(shape[:-1]) if width else (shape[0] if shape else 1)
-    step = _rows_per_chunk(width or 1, src.itemsize(t.plan), staging, 1, t.name)
+    # kept: the source rows, then isfinite's temporaries (abs() in the model dtype, three bool masks)
+    step = _rows_per_chunk(width or 1, src.itemsize(t.plan), staging, 1, t.name, _kept_extra(t))
     return _Chunks(step, [], list(_chunks(flat, flat, step, per_slice=False)))
 
 
@@ -304,7 +311,7 @@ def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, 
         shard_scales = _shard_scales(t, c, src, ledger, device)
 
     for d0, d1 in c.rows:
-        staged = (d1 - d0) * k * (itemsize + _STAGE_BYTES_PER_ELEM)
+        staged = (d1 - d0) * k * (itemsize + _STAGE_BYTES_PER_ELEM["blocks" if block else "rows"])
         ledger.stage(staged)
         x = src.rows(t.plan, d0, d1, k, t.name)
         if block:
@@ -401,7 +408,7 @@ def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype
         finite = torch.ones((), dtype=torch.bool, device=device)
         for d0, d1 in c.rows:
             # the source rows, then isfinite's temporaries: abs() in the model dtype and three bool masks
-            staged = (d1 - d0) * (width or 1) * (itemsize + out_dtype.itemsize + 3)
+            staged = (d1 - d0) * (width or 1) * (itemsize + _kept_extra(t))
             ledger.stage(staged)
             x = src.rows(t.plan, d0, d1, width, t.name)
             out = dst_flat[d0:d1]

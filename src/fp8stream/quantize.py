@@ -33,10 +33,11 @@ def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> tup
 
     Returns (fp8 rows, float32 scales of shape [rows]). `x` may be consumed (it is staging memory).
     """
-    x32 = x.float()
     if row_scale is None:
-        row_scale = scale_from_amax(x32.abs().amax(dim=-1))
-    return _to_fp8(x32, row_scale.unsqueeze(-1)), row_scale
+        # max(|min|, |max|) in the source dtype: exact (max never rounds), no full-size temporary
+        lo, hi = torch.aminmax(x, dim=-1)
+        row_scale = scale_from_amax(torch.maximum(hi, -lo))
+    return _to_fp8(x.float(), row_scale.unsqueeze(-1)), row_scale
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
