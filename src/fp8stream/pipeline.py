@@ -25,6 +25,7 @@ class Request:
     reads: Reads
     dtype: torch.dtype
     nbytes: int
+    cols: tuple[int, int] | None = None  # only columns [c0, c1) of every row (tensor parallel)
 
 
 class Prefetcher:
@@ -96,17 +97,23 @@ class Prefetcher:
 def _jobs(ckpt: Checkpoint, req: Request, buf: torch.Tensor):
     jobs, at = [], 0
     for key, a, b in req.reads:
-        n = (b - a) * ckpt.tensors[key].row_bytes
-        jobs.append((key, a, b, buf[at : at + n]))
+        n = (b - a) * row_bytes(ckpt.tensors[key], req.cols)
+        jobs.append((key, a, b, buf[at : at + n]) + ((req.cols,) if req.cols else ()))
         at += n
     return jobs
+
+
+def row_bytes(info, cols: tuple[int, int] | None) -> int:
+    """Bytes of one flat row as read: the whole row, or its columns [c0, c1)."""
+    return info.row_bytes if cols is None else (cols[1] - cols[0]) * info.dtype.itemsize
 
 
 def host_view(ckpt: Checkpoint, req: Request, buf: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a request as rows of its dtype ([rows, width], [rows] for 1-D, a scalar)."""
     info = ckpt.tensors[req.reads[0][0]]
     rows = sum(b - a for _, a, b in req.reads)
-    return buf[: req.nbytes].view(req.dtype).reshape((rows, *info.flat_shape[1:]) if info.shape else ())
+    width = (req.cols[1] - req.cols[0],) if req.cols else info.flat_shape[1:]
+    return buf[: req.nbytes].view(req.dtype).reshape((rows, *width) if info.shape else ())
 
 
 def read_now(ckpt: Checkpoint, req: Request) -> torch.Tensor:
