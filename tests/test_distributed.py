@@ -103,7 +103,7 @@ def test_matches_single_process(runs, name, arch, scheme, tp, ep):
     with torch.no_grad():
         want = single(ids).logits
     assert torch.equal(r0["logits"], r1["logits"])
-    assert _rel(r0["logits"], want) < REL_BOUND, _rel(r0["logits"], want)
+    assert _rel(r0["logits"], want) < (REL_BOUND if tp > 1 else 0.01), _rel(r0["logits"], want)  # EP alone: whole rows, same math
     assert torch.equal(r0["generated"], r1["generated"])
 
     # 3. per rank: the bound holds, about half the final bytes, about half the bytes read
