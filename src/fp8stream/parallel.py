@@ -19,6 +19,7 @@ TP and EP use the same group: the whole world (tp is 1 or the world size).
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import re
@@ -30,7 +31,6 @@ from torch import nn
 from .errors import Fp8StreamError, UnsupportedModelError
 from .load_plan import Piece, TargetPlan
 from .modules import FP8Experts, FP8Linear, _is_fused_experts, _scale_shape
-from .quantize import FP8_DTYPE
 
 # Styles that keep a module's weights whole on every rank (they only change gradients, routing or
 # sequence layouts, none of which matter for inference with replicated activations).
@@ -247,8 +247,6 @@ def local_plan(plan: TargetPlan, shard: Shard | None) -> TargetPlan:
     at = 0
     pieces = sorted(plan.pieces, key=lambda p: p.dst_row)
     starts = [p.dst_row for p in pieces]
-    import bisect
-
     for g0, n in runs:
         i = max(bisect.bisect_right(starts, g0) - 1, 0)
         while i < len(pieces) and pieces[i].dst_row < g0 + n:
