@@ -63,19 +63,37 @@ t() { local a b; a=$(date +%s.%N); "$@" >/dev/null 2>&1; b=$(date +%s.%N); awk -
   flush; echo "resident before dd xN: $(cached)"
   s=$(t bash -c "for f in $CKPT/*.safetensors; do dd if=\$f of=/dev/null bs=16M & done; wait")
   echo "dd xN (all shards at once): $s s, $(awk -v b="$bytes" -v s="$s" 'BEGIN { printf "%.2f", b / s / 1e9 }') GB/s"
-  flush; echo "resident before fp8stream: $(cached)"
+  # the Python side imports everything (torch, transformers, the model's modeling code) BEFORE the
+  # flush, so the cold timing is the checkpoint's bytes, not the interpreter's files
   "$PY" - "$CKPT" "$bytes" <<'EOF'
-import sys, time, torch
+import glob, os, sys, time, torch
 import fp8stream
+from fp8stream.load_plan import build_meta_model
+from fp8stream.loader import _load_config
+path, nbytes = sys.argv[1], int(sys.argv[2])
+build_meta_model(_load_config(__import__("pathlib").Path(path)), torch.bfloat16)
 torch.empty(1, device="cuda"); torch.cuda.synchronize()
+
+def flush():
+    os.sync()
+    for f in glob.glob(os.path.join(path, "*.safetensors")):
+        fd = os.open(f, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+    try:
+        open("/proc/sys/vm/drop_caches", "w").write("3")
+    except OSError:
+        pass
+
 for label in ("cold", "warm"):
+    if label == "cold":
+        flush()
     t0 = time.perf_counter()
-    m = fp8stream.load(sys.argv[1], device="cuda", progress=False)
+    m = fp8stream.load(path, device="cuda", progress=False)
     torch.cuda.synchronize()
     s = time.perf_counter() - t0
     r = m.fp8stream_report
-    print(f"fp8stream {label}: {s:.2f} s wall ({r.load_seconds:.2f} s streaming), {int(sys.argv[2]) / s / 1e9:.2f} GB/s of checkpoint, "
-          f"peak-final {(r.peak_bytes - r.final_bytes) / 2**20:.0f} MiB, host peak {r.host_peak_bytes / 2**30:.2f} GiB")
+    print(f"fp8stream {label}: {s:.2f} s wall ({r.load_seconds:.2f} s streaming), {nbytes / s / 1e9:.2f} GB/s of checkpoint wall, "
+          f"{nbytes / r.load_seconds / 1e9:.2f} GB/s streaming, peak-final {(r.peak_bytes - r.final_bytes) / 2**20:.0f} MiB, "
+          f"host peak {r.host_peak_bytes / 2**30:.2f} GiB")
     del m; torch.cuda.empty_cache()
 EOF
 } 2>&1 | tee "$log"

@@ -80,6 +80,7 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self.bytes_read = 0  # tensor bytes read from the files so far
 
     def _shard_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -121,44 +122,70 @@ class Checkpoint:
             if info.file.name != name:
                 raise CheckpointError(f"{self.path / name}: tensor '{key}' listed in the index is not in this shard (it is in {info.file.name})")
 
-    def parts(self, reads: list[tuple[str, int, int, torch.Tensor]], part_size: int) -> list[tuple[TensorInfo, int, memoryview]]:
+    def parts(self, reads: list[tuple], part_size: int) -> list[tuple]:
         """The positional reads that fill each `out` (a uint8 host tensor) with flat rows [start, stop) of
-        `key`: one contiguous byte range of its file per row range (the header gives the offsets), cut
-        into parts of at most `part_size` bytes so that several threads can share it."""
+        `key`, as jobs (function, *args) for the reader pool.
+
+        `reads` items are (key, start, stop, out) or (key, start, stop, out, (c0, c1)). A row range is one
+        contiguous byte range of its file (the header gives the offsets), cut into parts of at most
+        `part_size` bytes so that several threads share it. With a column range only those columns of
+        each row are read (one positional read per row segment; a rank of a tensor-parallel load reads no
+        byte of another rank's columns), packed row after row.
+        """
         jobs = []
-        for key, start, stop, out in reads:
+        for key, start, stop, out, *rest in reads:
             info = self.tensors[key]
+            cols = rest[0] if rest else None
+            view = memoryview(out.numpy())
+            if cols is not None:
+                seg = (cols[1] - cols[0]) * info.dtype.itemsize
+                if out.numel() != (stop - start) * seg:
+                    raise ValueError(f"buffer of {out.numel()} bytes for {(stop - start) * seg} bytes of '{key}'")
+                first = info.offset + start * info.row_bytes + cols[0] * info.dtype.itemsize
+                per_job = max(1, part_size // max(seg, 1))
+                for r0 in range(0, stop - start, per_job):
+                    r1 = min(r0 + per_job, stop - start)
+                    jobs.append((self._pread_rows, info, first + r0 * info.row_bytes, info.row_bytes, seg, view[r0 * seg : r1 * seg]))
+                continue
             begin = info.offset + start * info.row_bytes
             nbytes = (stop - start) * info.row_bytes
             if out.numel() != nbytes:
                 raise ValueError(f"buffer of {out.numel()} bytes for {nbytes} bytes of '{key}'")
-            view = memoryview(out.numpy())
             for part in range(0, nbytes, part_size):
-                jobs.append((info, begin + part, view[part : min(part + part_size, nbytes)]))
+                jobs.append((self._pread, info, begin + part, view[part : min(part + part_size, nbytes)]))
         return jobs
 
-    def submit(self, job: tuple[TensorInfo, int, memoryview]):
-        """Run one part on the reader pool; returns its Future."""
+    def submit(self, job: tuple):
+        """Run one job of `parts` on the reader pool; returns its Future."""
         with self._lock:  # the prefetch thread and the loader may both read
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="fp8stream-read")
-        return self._pool.submit(self._pread, *job)
+        return self._pool.submit(*job)
 
-    def read_into(self, reads: list[tuple[str, int, int, torch.Tensor]]) -> None:
+    def count_read(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+
+    def read_into(self, reads: list[tuple]) -> None:
         """Fill each `out` with its rows now (see `parts`), the parts spread over the reader pool.
 
         Positional reads: the page cache is read by several cores and nothing is memory-mapped, so no
         file pages pile up in RSS.
         """
-        total = sum(out.numel() for *_, out in reads)
+        total = sum(r[3].numel() for r in reads)
         # parts small enough to keep every reader thread busy, large enough that the per-part Python
         # overhead (which holds the GIL) stays small next to the copy itself
         jobs = self.parts(reads, max(_MIN_READ_PART, -(-total // (2 * self.read_threads))))
+        self.count_read(total)
         if len(jobs) == 1:
-            self._pread(*jobs[0])
+            jobs[0][0](*jobs[0][1:])
             return
         for future in [self.submit(job) for job in jobs]:
             future.result()
+
+    def _pread_rows(self, info: TensorInfo, offset: int, stride: int, seg: int, view: memoryview) -> None:
+        for i in range(len(view) // seg if seg else 0):
+            self._pread(info, offset + i * stride, view[i * seg : (i + 1) * seg])
 
     def _fd(self, info: TensorInfo) -> int:
         fd = self._fds.get(info.file)
@@ -199,10 +226,15 @@ class Checkpoint:
                 raise CheckpointError(f"{info.file}: ends inside tensor '{info.key}' (file truncated while loading?)")
             done += n
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Flat rows [start, stop) of a tensor ([rows, last dim]; elements of a 1-D tensor), as a fresh host tensor."""
+    def read_rows(self, key: str, start: int, stop: int, cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Flat rows [start, stop) of a tensor ([rows, last dim]; elements of a 1-D tensor), as a fresh host
+        tensor; with `cols`, only columns [c0, c1) of each row."""
         info = self.tensors[key]
         rows = (stop - start) if info.shape else 1
+        if cols is not None and len(info.shape) >= 2:
+            out = torch.empty(rows * (cols[1] - cols[0]) * info.dtype.itemsize, dtype=torch.uint8)
+            self.read_into([(key, start, stop, out, cols)])
+            return out.view(info.dtype).reshape(rows, cols[1] - cols[0])
         out = torch.empty(rows * info.row_bytes, dtype=torch.uint8)
         self.read_into([(key, start, stop if info.shape else 1, out)])
         return out.view(info.dtype).reshape((rows, *info.flat_shape[1:]) if info.shape else ())

@@ -23,6 +23,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-buffers", type=int, default=8, help="pinned host buffers read ahead of the GPU (one staging chunk each)")
     p.add_argument("--timeline", default=None, metavar="FILE.png",
                    help="draw device memory, host RSS and bytes loaded against time (data also in FILE.json)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes (launch with torchrun --nproc-per-node N; N = world size)")
+    p.add_argument("--ep", action="store_true", help="MoE experts expert-parallel over the torchrun processes (each holds E/N)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +83,35 @@ def _load(args, progress: bool):
     return load(args.path, device=_default_device(args.device), scheme=args.scheme, load_format=args.load_format,
                 staging_mib=args.staging_mib, ignore=args.ignore, progress=progress,
                 read_threads=args.read_threads or DEFAULT_READ_THREADS, prefetch_buffers=args.prefetch_buffers,
-                timeline=args.timeline)
+                timeline=args.timeline, tp=args.tp, ep=args.ep)
+
+
+def _init_parallel(args) -> int:
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). Returns this process's rank."""
+    from .errors import Fp8StreamError
+    from .parallel import init_from_env
+
+    if not init_from_env(args.device):
+        if args.tp > 1 or args.ep:
+            flags = f"--tp {args.tp}" if args.tp > 1 else "--ep"
+            raise Fp8StreamError(f"{flags} needs one process per rank: launch with torchrun --nproc-per-node N -m fp8stream {args.command} ...")
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def _gather_reports(rep) -> list[dict]:
+    """Every rank's report (as dicts, in rank order) on every rank; just this one outside a process group."""
+    from dataclasses import asdict
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [asdict(rep)]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, asdict(rep))
+    return out
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -101,9 +132,21 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 def _run(args) -> int:
     if args.command == "load":
-        model = _load(args, progress=not args.json and sys.stderr.isatty())  # no bar residue in redirected stderr
+        from .report import LoadReport
+
+        rank = _init_parallel(args)
+        model = _load(args, progress=not args.json and sys.stderr.isatty() and rank == 0)  # no bar residue in redirected stderr
         rep = model.fp8stream_report
-        print(rep.to_json() if args.json else rep.summary())
+        reports = _gather_reports(rep)
+        if rank == 0:
+            if len(reports) > 1:  # rank 0's figures at the top level (the usual keys), every rank's under "ranks"
+                import json
+                from dataclasses import asdict
+
+                print(json.dumps({**asdict(rep), "ranks": reports}) if args.json else
+                      "\n".join(LoadReport(**r).summary() for r in reports))
+            else:
+                print(rep.to_json() if args.json else rep.summary())
         return 0
     if args.command == "generate":
         from transformers import AutoTokenizer
@@ -114,9 +157,16 @@ def _run(args) -> int:
             tok = AutoTokenizer.from_pretrained(args.path, local_files_only=True)
         except Exception as e:
             raise CheckpointError(f"{args.path}: no usable tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
-        model = _load(args, progress=sys.stderr.isatty())
-        print(model.fp8stream_report.summary(), file=sys.stderr)
-        print(generate_text(model, tok, args.prompt, args.max_new_tokens))
+        rank = _init_parallel(args)
+        model = _load(args, progress=sys.stderr.isatty() and rank == 0)
+        reports = _gather_reports(model.fp8stream_report)
+        text = generate_text(model, tok, args.prompt, args.max_new_tokens)  # every rank runs the forward passes
+        if rank == 0:
+            from .report import LoadReport
+
+            for r in reports:
+                print(LoadReport(**r).summary(), file=sys.stderr)
+            print(text)
         return 0
     if args.command == "export":
         import json
@@ -156,12 +206,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except Fp8StreamError as e:
+        if getattr(args, "tp", 1) > 1 or getattr(args, "ep", False):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                e = Fp8StreamError(f"rank {dist.get_rank()}: {e}")
         if args.debug:
             raise
         print(f"fp8stream: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _leave_group()
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

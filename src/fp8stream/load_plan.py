@@ -42,6 +42,11 @@ class TargetPlan:
     shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # checkpoint keys, in shard order
+    # tensor / expert parallel (parallel.local_plan): this rank's part only. `cols`: the column range
+    # [c0, c1) of every source row that is read; `zeros`: nothing is read, the rank holds zeros.
+    cols: tuple[int, int] | None = None
+    sharded: bool = False
+    zeros: bool = False
 
 
 @contextmanager

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
-from .errors import CheckpointError, Fp8StreamError
+from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
-from .pipeline import Prefetcher, Request, host_view, read_now
+from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
+from .pipeline import Prefetcher, Request, host_view, read_now, row_bytes
 from .modules import FP8Experts, FP8Linear, replace_with_fp8
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
 from .report import LoadReport
@@ -49,6 +50,7 @@ class _Target:
     attr: str
     scale_attr: str | None  # set when the parameter is stored in fp8
     plan: TargetPlan | None
+    group: object = None  # tensor/expert parallel: the process group whose ranks hold the other parts
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -176,13 +178,14 @@ class _Source:
                 reads.append((p.key, p.src_row + lo - p.dst_row, p.src_row + hi - p.dst_row))
         if sum(b - a for _, a, b in reads) != d1 - d0:
             raise CheckpointError(f"{self.ckpt.path}: checkpoint rows for '{name}' do not cover rows [{d0}, {d1})")
-        return self._request(tuple(reads))
+        return self._request(tuple(reads), plan.cols)
 
-    def _request(self, reads) -> Request | None:
+    def _request(self, reads, cols: tuple[int, int] | None = None) -> Request | None:
         infos = [self.ckpt.tensors[k] for k, _, _ in reads]
         if len({i.dtype for i in infos}) != 1:
             return None
-        return Request(reads, infos[0].dtype, sum((b - a) * i.row_bytes for (_, a, b), i in zip(reads, infos)))
+        cols = cols if cols is not None and len(infos[0].shape) >= 2 else None
+        return Request(reads, infos[0].dtype, sum((b - a) * row_bytes(i, cols) for (_, a, b), i in zip(reads, infos)), cols)
 
     def start(self, schedule: list[Request | None]) -> None:
         """Declare every read the load will make, in order, and start reading ahead (CUDA only)."""
@@ -199,9 +202,9 @@ class _Source:
     def pinned_bytes(self) -> int:
         return self._prefetcher.pinned_bytes if self._prefetcher is not None else 0
 
-    def key_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Flat rows [start, stop) of one checkpoint tensor, on the device."""
-        return self._fetch(self._request(((key, start, stop),)))
+    def key_rows(self, key: str, start: int, stop: int, cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Flat rows [start, stop) of one checkpoint tensor (columns [c0, c1) only, if given), on the device."""
+        return self._fetch(self._request(((key, start, stop),), cols))
 
     def rows(self, plan: TargetPlan | None, d0: int, d1: int, width: int | None, name: str) -> torch.Tensor:
         """Destination rows [d0, d1) on the device, in the checkpoint's dtype."""
@@ -212,7 +215,7 @@ class _Source:
         if req is None:  # sources of one parameter in different dtypes: convert each on the host
             reads = [(p.key, p.src_row + max(d0, p.dst_row) - p.dst_row, p.src_row + min(d1, p.dst_row + p.rows) - p.dst_row)
                      for p in plan.pieces if max(d0, p.dst_row) < min(d1, p.dst_row + p.rows)]
-            return torch.cat([self.ckpt.read_rows(k, a, b).to(self.dtype) for k, a, b in reads]).to(self.device)
+            return torch.cat([self.ckpt.read_rows(k, a, b, plan.cols).to(self.dtype) for k, a, b in reads]).to(self.device)
         return self._fetch(req)
 
     def _fetch(self, req: Request) -> torch.Tensor:
@@ -261,7 +264,10 @@ def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _C
     if block:
         step = min(step, math.ceil(n / BLOCK) * BLOCK)
     amax_reads = []
-    if scheme == "fp8_per_tensor" and t.plan is not None:
+    if scheme == "fp8_per_tensor" and t.plan is not None and t.plan.sharded:  # this rank's rows of each source
+        for p in t.plan.pieces:
+            amax_reads += [(p.key, r0, min(r0 + step, p.src_row + p.rows)) for r0 in range(p.src_row, p.src_row + p.rows, step)]
+    elif scheme == "fp8_per_tensor" and t.plan is not None:
         for key in t.plan.sources:
             info = src.ckpt.tensors[key]
             rows = info.flat_shape[0] if info.shape else 1
@@ -281,9 +287,9 @@ def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[Request
     """Every read the load will make, in the order it makes them (the prefetcher reads ahead along it)."""
     out = []
     for t, c in work:
-        if t.plan is None:
+        if t.plan is None or t.plan.zeros:
             continue
-        out += [src._request((r,)) for r in c.amax_reads]
+        out += [src._request((r,), t.plan.cols) for r in c.amax_reads]
         out += [src.request(t.plan, d0, d1, t.name) for d0, d1 in c.rows]
     return out
 
@@ -317,6 +323,9 @@ def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, 
             s.view(-1, *s.shape[-2:])[lead, r0 // BLOCK : r0 // BLOCK + bs.shape[0]] = bs
         else:
             row_scale = _row_scales(t.plan, shard_scales, d0, d1, device) if shard_scales is not None else None
+            if row_scale is None and t.plan is not None and t.plan.cols is not None:
+                # columns split over ranks: a row's scale is the amax over the whole row, as on one device
+                row_scale = scale_from_amax(_all_max(x.abs().amax(dim=-1).float(), t.group))
             q, rs = quantize_rows(x, row_scale)
             s.view(-1)[d0:d1] = rs
         w_flat[d0:d1] = q
@@ -362,13 +371,24 @@ def _shard_scales(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, de
         staged = (r1 - r0) * k * (src.ckpt.tensors[key].dtype.itemsize + 4)
         ledger.stage(staged)
         i = shard[key]
-        amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, r1)))
+        amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, r1, t.plan.cols)))
         ledger.unstage(staged)
+    if t.plan.sharded:  # each rank saw its part of every source: the max over ranks is the whole tensor's
+        amax = _all_max(amax, t.group)
     bad = ~torch.isfinite(amax)
     if bad.any():
         key = t.plan.sources[int(bad.nonzero()[0])]
         raise CheckpointError(f"{src.ckpt.tensors[key].file}: tensor '{key}' contains NaN or Inf")
     return scale_from_amax(amax)
+
+
+def _all_max(x: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise max over the ranks of `group` (NaN becomes +Inf first, so every rank sees a bad value)."""
+    import torch.distributed as dist
+
+    x = torch.nan_to_num(x, nan=float("inf"))
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
 
 
 def _row_scales(plan: TargetPlan | None, shard_scales: torch.Tensor, d0: int, d1: int, device) -> torch.Tensor:
@@ -388,7 +408,9 @@ def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype
     out_dtype = dtype if p.dtype.is_floating_point else p.dtype
     dst = torch.empty(shape, dtype=out_dtype, device=device)
     ledger.add_final(dst.nbytes)
-    if src.ckpt is None:  # dummy: norms start at 1, biases at 0, the rest small random
+    if t.plan is not None and t.plan.zeros:  # a rowwise bias on ranks other than 0 (added once, by rank 0)
+        dst.zero_()
+    elif src.ckpt is None:  # dummy: norms start at 1, biases at 0, the rest small random
         leaf = t.attr
         if dst.dim() == 1 and leaf == "weight":
             dst.fill_(1.0)
@@ -507,6 +529,8 @@ def load(
     read_threads: int = DEFAULT_READ_THREADS,
     prefetch_buffers: int = 8,
     timeline: str | Path | None = None,
+    tp: int = 1,
+    ep: bool = False,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
@@ -517,6 +541,11 @@ def load(
     data goes next to it as JSON). `scheme` defaults to the checkpoint's own for a pre-quantized FP8
     checkpoint (config.json quantization_config: its FP8 bytes are copied, never requantized; another
     scheme is an error), else fp8_per_channel.
+
+    `tp=N` (N = world size) / `ep=True`: inside an initialised torch.distributed process group (torchrun),
+    this rank loads, and reads, only its part of the model: tensor parallel along transformers'
+    `base_model_tp_plan`, MoE experts expert-parallel with `ep` (see parallel.py); device "cuda" means
+    cuda:LOCAL_RANK. The report is this rank's.
     """
     if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
@@ -525,7 +554,12 @@ def load(
     if not staging_mib > 0:
         raise Fp8StreamError(f"--staging-mib must be positive, got {staging_mib}")
     path = Path(path)
+    group = current_group(tp, ep)
+    if group is not None and str(device) == "cuda":
+        device = f"cuda:{group.local_rank}"
     dev = _device(device)
+    if group is not None and dev.type == "cuda":
+        torch.cuda.set_device(dev)
     config = _load_config(path)
     pre = prequantized_scheme(json.loads((path / "config.json").read_bytes()).get("quantization_config"), path / "config.json")
     if pre is not None and scheme is not None and scheme != pre[0]:
@@ -565,7 +599,19 @@ def load(
         if isinstance(e, Fp8StreamError):
             raise
         raise Fp8StreamError(f"--ignore: {e}") from None
+    layout = None
+    if group is not None:
+        if pre is not None:
+            raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
+        shard_meta(model, layout)
+        if plans is not None:
+            plans = {name: local_plan(plan, layout.shards.get(name)) for name, plan in plans.items()}
     targets = _targets(model, plans)
+    if layout is not None:
+        for t in targets:
+            t.group = group.group
     scales = _check_prequantized(targets, ckpt, scheme, pre[1]) if pre is not None and ckpt is not None else {}
     final_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
     staging = int(staging_mib * 2**20)
@@ -623,15 +669,21 @@ def load(
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     ledger.sample()
+    if layout is not None:
+        install_hooks(model, layout, group.group)
     report = LoadReport(
         device=str(dev), scheme=scheme, peak_bytes=ledger.peak(), final_bytes=final_bytes,
         full_precision_bytes=full_precision, staging_bytes=staging, load_seconds=seconds,
         quantized_tensors=n_quant, kept_tensors=n_kept, peak_measured_by=ledger.measured_by,
         host_rss_anon_peak_delta_bytes=ledger.rss_peak, host_peak_bytes=ledger.host_peak_bytes,
         pinned_host_bytes=pinned, read_threads=read_threads if ckpt is not None else 0, load_format=load_format,
-        quantized_modules=quantized, kept_modules=kept_modules,
+        quantized_modules=quantized, kept_modules=kept_modules, read_bytes=ckpt.bytes_read if ckpt is not None else 0,
+        rank=group.rank if group else 0, world_size=group.world if group else 1, tp=tp, ep=layout.ep if layout else 1,
     )
-    log.debug("Peak device memory while loading weights: %.2f GiB", report.peak_bytes / 2**30)
+    if group is None:
+        log.debug("Peak device memory while loading weights: %.2f GiB", report.peak_bytes / 2**30)
+    else:
+        log.debug("[rank %d/%d] Peak device memory while loading weights: %.2f GiB", group.rank, group.world, report.peak_bytes / 2**30)
     log.info(report.summary())
     model.config.dtype = dtype
     _attach_generation_config(model, path)

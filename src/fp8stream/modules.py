@@ -89,6 +89,7 @@ class FP8Experts(nn.Module):
         super().__init__()
         e, two_i, h = experts.gate_up_proj.shape
         self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
+        self.expert_start = 0  # expert parallel: this module holds experts [expert_start, expert_start + num_experts)
         self.act_fn = experts.act_fn
         self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
         self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
@@ -99,11 +100,12 @@ class FP8Experts(nn.Module):
         out = torch.zeros_like(hidden_states)
         flat_experts = top_k_index.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        first = self.expert_start  # tokens routed to experts another rank holds contribute nothing here
+        counts = torch.bincount(flat_experts, minlength=first + self.num_experts).tolist()
         token_of = order // top_k_index.shape[-1]
         weight_of = top_k_weights.reshape(-1)[order]
-        start = 0
-        for e, count in enumerate(counts[: self.num_experts]):
+        start = sum(counts[:first])
+        for e, count in enumerate(counts[first : first + self.num_experts]):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]

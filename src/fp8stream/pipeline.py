@@ -32,6 +32,7 @@ class Request:
     reads: Reads
     dtype: torch.dtype
     nbytes: int
+    cols: tuple[int, int] | None = None  # only columns [c0, c1) of every row (tensor parallel)
 
 
 class Prefetcher:
@@ -68,7 +69,8 @@ class Prefetcher:
             for i, req in enumerate(self.schedule):
                 # keep the kernel reading ADVISE_BYTES beyond what the pool holds (cold disks)
                 while advised < len(self.schedule) and advised_bytes < ADVISE_BYTES:
-                    self.ckpt.advise(self.schedule[advised].reads)
+                    if self.schedule[advised].cols is None:  # column slices: no whole-row advice (other ranks' bytes)
+                        self.ckpt.advise(self.schedule[advised].reads)
                     advised_bytes += self.schedule[advised].nbytes
                     advised += 1
                 advised_bytes -= req.nbytes
@@ -81,6 +83,7 @@ class Prefetcher:
                     self._bufs[slot] = torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
                     self.pinned_bytes = sum(b.numel() for b in self._bufs if b is not None)
                 jobs = self.ckpt.parts(_reads(self.ckpt, req, self._bufs[slot]), self.part_size)
+                self.ckpt.count_read(req.nbytes)
                 with self._cond:
                     self._left[i] = len(jobs)
                     self._in_flight += len(jobs)
@@ -140,17 +143,23 @@ class Prefetcher:
 def _reads(ckpt: Checkpoint, req: Request, buf: torch.Tensor):
     reads, at = [], 0
     for key, a, b in req.reads:
-        n = (b - a) * ckpt.tensors[key].row_bytes
-        reads.append((key, a, b, buf[at : at + n]))
+        n = (b - a) * row_bytes(ckpt.tensors[key], req.cols)
+        reads.append((key, a, b, buf[at : at + n]) + ((req.cols,) if req.cols else ()))
         at += n
     return reads
+
+
+def row_bytes(info, cols: tuple[int, int] | None) -> int:
+    """Bytes of one flat row as read: the whole row, or its columns [c0, c1)."""
+    return info.row_bytes if cols is None else (cols[1] - cols[0]) * info.dtype.itemsize
 
 
 def host_view(ckpt: Checkpoint, req: Request, buf: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a request as rows of its dtype ([rows, width], [rows] for 1-D, a scalar)."""
     info = ckpt.tensors[req.reads[0][0]]
     rows = sum(b - a for _, a, b in req.reads)
-    return buf[: req.nbytes].view(req.dtype).reshape((rows, *info.flat_shape[1:]) if info.shape else ())
+    width = (req.cols[1] - req.cols[0],) if req.cols else info.flat_shape[1:]
+    return buf[: req.nbytes].view(req.dtype).reshape((rows, *width) if info.shape else ())
 
 
 def read_now(ckpt: Checkpoint, req: Request) -> torch.Tensor:

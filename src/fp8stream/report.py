@@ -25,6 +25,11 @@ class LoadReport:
     pinned_host_bytes: int = 0  # the pinned read-ahead pool (CUDA)
     read_threads: int = 0
     load_format: str = "auto"
+    read_bytes: int = 0  # checkpoint tensor bytes this process read from the files
+    rank: int = 0  # tensor / expert parallel: this rank of world_size (every figure above is this rank's)
+    world_size: int = 1
+    tp: int = 1
+    ep: int = 1
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: list[str] = field(default_factory=list)
 
@@ -33,8 +38,9 @@ class LoadReport:
 
     def summary(self) -> str:
         over = self.peak_bytes - self.final_bytes
+        where = f" rank {self.rank}/{self.world_size} (tp={self.tp}, ep={self.ep})" if self.world_size > 1 else ""
         return (
-            f"fp8stream {self.scheme} on {self.device}: full precision {gib(self.full_precision_bytes)} -> "
+            f"fp8stream {self.scheme} on {self.device}{where}: full precision {gib(self.full_precision_bytes)} -> "
             f"final {gib(self.final_bytes)}, peak {gib(self.peak_bytes)} (final + {over / 2**20:.1f} MiB; "
             f"bound final + {self.staging_bytes / 2**20:.0f} MiB), {self.quantized_tensors} tensors quantized, "
             f"{self.kept_tensors} kept, {self.load_seconds:.2f} s"
