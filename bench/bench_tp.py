@@ -77,6 +77,12 @@ def worker(args) -> dict:
     if cuda:
         res["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - base
         res["final_bytes"] = torch.cuda.memory_allocated(dev) - base
+    # logits of a fixed prompt, saved by rank 0: the driver compares every layout with one GPU (tp1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)).to(dev)
+    with torch.no_grad():
+        logits = model(ids).logits.float().cpu()
+    if rank == 0:
+        torch.save(logits, Path(args.result_dir).parent / f"logits_{args.layout}.pt")
     rep = json.loads(model.fp8stream_report.to_json())
     for k in ("quantized_modules", "kept_modules"):
         rep.pop(k, None)
@@ -121,7 +127,7 @@ def worker_main(args) -> int:
 
 def run_layout(args, layout: str) -> list[dict]:
     procs, tp, ep = LAYOUTS[layout]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.logits_dir) as tmp:
         inner = [os.path.abspath(__file__), args.ckpt, "--worker", "--layout", layout, "--tp", str(tp), "--scheme", args.scheme,
                  "--device", args.device, "--new-tokens", str(args.new_tokens), "--result-dir", tmp] + (["--ep"] if ep else [])
         if procs == 1:
@@ -151,6 +157,24 @@ def run_layout(args, layout: str) -> list[dict]:
                 res["error"] = f"{why}: {next((l for l in reversed(tail) if l.strip()), '')}"[:300]
             res["process_wall_s"] = wall
             out.append(res)
+    return out
+
+
+def compare_logits(d: Path, layouts: list[str]) -> dict:
+    import torch
+
+    ref_file = d / "logits_tp1.pt"
+    if not ref_file.is_file():
+        return {}
+    ref = torch.load(ref_file)
+    out = {}
+    for layout in layouts:
+        f = d / f"logits_{layout}.pt"
+        if layout == "tp1" or not f.is_file():
+            continue
+        x = torch.load(f)
+        out[layout] = {"rel_l2": float((x - ref).norm() / ref.norm()),
+                       "top1_agree": float((x.argmax(-1) == ref.argmax(-1)).float().mean())}
     return out
 
 
@@ -206,15 +230,21 @@ def main(argv=None) -> int:
 
         doc["warm"] = warm_page_cache(ckpt)
     out = Path(args.out)
-    for layout in layouts:
-        rows = run_layout(args, layout)
-        for r in rows:
-            print(json.dumps(r), flush=True)
-        doc["rows"] += rows
-        out.write_text(json.dumps(doc, indent=1))  # after every layout: a later crash keeps what was measured
+    with tempfile.TemporaryDirectory() as logits_dir:
+        args.logits_dir = logits_dir
+        for layout in layouts:
+            rows = run_layout(args, layout)
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            doc["rows"] += rows
+            out.write_text(json.dumps(doc, indent=1))  # after every layout: a later crash keeps what was measured
+        doc["logits_vs_tp1"] = compare_logits(Path(logits_dir), layouts)
+        out.write_text(json.dumps(doc, indent=1))
+    text = markdown(doc["rows"]) + "\n\n" + "\n".join(
+        f"- {k}: logits rel. L2 vs tp1 {v['rel_l2']:.4f}, top-1 agreement {v['top1_agree']:.3f}" for k, v in doc["logits_vs_tp1"].items())
     if args.markdown:
-        Path(args.markdown).write_text(markdown(doc["rows"]) + "\n")
-    print(markdown(doc["rows"]), file=sys.stderr)
+        Path(args.markdown).write_text(text + "\n")
+    print(text, file=sys.stderr)
     return 0 if all("error" not in r for r in doc["rows"]) else 1
 
 
