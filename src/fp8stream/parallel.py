@@ -127,7 +127,7 @@ def plan_layout(model: nn.Module, tp: int, ep: bool, rank: int, world: int, tied
     for name, module in model.named_modules():
         if isinstance(module, FP8Experts) or _is_fused_experts(module):
             any_experts = True
-            _experts(name, module, layout, plans, ep)
+            _experts(name, module, layout, ep)
             continue
         if tp == 1 or not isinstance(module, (nn.Linear, FP8Linear)):
             continue
@@ -166,7 +166,7 @@ def plan_layout(model: nn.Module, tp: int, ep: bool, rank: int, world: int, tied
     return layout
 
 
-def _experts(name: str, module: nn.Module, layout: Layout, plans, ep: bool) -> None:
+def _experts(name: str, module: nn.Module, layout: Layout, ep: bool) -> None:
     e = module.gate_up_proj.shape[0]
     two_i = module.gate_up_proj.shape[1]
     rank, world = layout.rank, layout.world
@@ -181,9 +181,10 @@ def _experts(name: str, module: nn.Module, layout: Layout, plans, ep: bool) -> N
         return
     if layout.tp == 1:
         return
-    mentioned = any(_style(n, plans) for n in (name, f"{name}.gate_up_proj", f"{name}.down_proj"))
-    if not mentioned:
-        return
+    # Fused experts are sharded the way transformers' own plans shard them (gate_up packed_colwise, down
+    # rowwise, outputs summed), also where an older plan leaves them out (transformers 5.17's Qwen2-MoE):
+    # every transformers MoE uses this one fused layout, and replicating the experts would keep nearly
+    # the whole model on every GPU.
     _check_divides(two_i // 2, layout.tp, f"tp={layout.tp}: '{name}' expert intermediate size")
     layout.shards[f"{name}.gate_up_proj"] = Shard(1, rank, layout.tp, parts=2)
     layout.shards[f"{name}.down_proj"] = Shard(2, rank, layout.tp)
