@@ -38,6 +38,26 @@ def test_byte_ranges_are_exact_rows(two_tensor_ckpt):
     ckpt.close()
 
 
+def test_column_slices_narrow_and_wide(tmp_path, monkeypatch):
+    """A tensor-parallel rank's column slice: narrow gaps are read as one span per job and gathered,
+    wide gaps as one read per row segment; both give exactly the columns."""
+    narrow = torch.randn(300, 48).to(torch.bfloat16)  # 96-byte rows: gap < a page
+    wide = torch.randn(40, 4096)  # 16 KiB rows, 400-byte segment: gap > a page
+    save_file({"n": narrow, "w": wide}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path, read_threads=3)
+    used = []
+    for name in ("_pread_span", "_pread_rows"):
+        real = getattr(Checkpoint, name)
+        monkeypatch.setattr(Checkpoint, name, lambda self, *a, _real=real, _name=name: used.append(_name) or _real(self, *a))
+    assert torch.equal(ckpt.read_rows("n", 7, 299, cols=(10, 30)), narrow[7:299, 10:30])
+    assert set(used) == {"_pread_span"}
+    used.clear()
+    assert torch.equal(ckpt.read_rows("w", 3, 40, cols=(100, 200)), wide[3:40, 100:200])
+    assert set(used) == {"_pread_rows"}
+    ckpt.close()
+
+
 def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatch):
 
     x = torch.randn(8192, 1024)  # 32 MiB: split into >= 4 MiB parts over the reader threads

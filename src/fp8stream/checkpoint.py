@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -28,6 +29,7 @@ _DTYPES = {
 FLOAT_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 DEFAULT_READ_THREADS = min(16, os.cpu_count() or 4)  # page-cache reads scale to ~16 threads (peers.md)
+_PAGE = 4096  # page cache granularity
 _MIN_READ_PART = 4 << 20  # smallest positional read worth a thread (H100 host, 16 threads: 2 MiB parts read the page cache at 22 GB/s, 8 MiB parts at 34 GB/s)
 
 
@@ -142,10 +144,16 @@ class Checkpoint:
                 if out.numel() != (stop - start) * seg:
                     raise ValueError(f"buffer of {out.numel()} bytes for {(stop - start) * seg} bytes of '{key}'")
                 first = info.offset + start * info.row_bytes + cols[0] * info.dtype.itemsize
-                per_job = max(1, part_size // max(seg, 1))
+                # Where the bytes skipped between two rows' segments are less than a page, the kernel
+                # reads every page of the span anyway (page cache and disk work in pages): one read of
+                # the span and a gather beats a system call per row (3M of them for a 2-way split of
+                # Qwen1.5-MoE's experts). Wider gaps: one positional read per row segment.
+                span = info.row_bytes - seg < _PAGE
+                per_job = max(1, part_size // max(info.row_bytes if span else seg, 1))
                 for r0 in range(0, stop - start, per_job):
                     r1 = min(r0 + per_job, stop - start)
-                    jobs.append((self._pread_rows, info, first + r0 * info.row_bytes, info.row_bytes, seg, view[r0 * seg : r1 * seg]))
+                    jobs.append((self._pread_span if span else self._pread_rows, info, first + r0 * info.row_bytes,
+                                 info.row_bytes, seg, view[r0 * seg : r1 * seg]))
                 continue
             begin = info.offset + start * info.row_bytes
             nbytes = (stop - start) * info.row_bytes
@@ -182,6 +190,15 @@ class Checkpoint:
             return
         for future in [self.submit(job) for job in jobs]:
             future.result()
+
+    def _pread_span(self, info: TensorInfo, offset: int, stride: int, seg: int, view: memoryview) -> None:
+        rows = len(view) // seg if seg else 0
+        if rows == 0:
+            return
+        buf = np.empty((rows - 1) * stride + seg, dtype=np.uint8)
+        self._pread(info, offset, memoryview(buf))
+        src = np.lib.stride_tricks.as_strided(buf, shape=(rows, seg), strides=(stride, 1))
+        np.copyto(np.ndarray((rows, seg), dtype=np.uint8, buffer=view), src)
 
     def _pread_rows(self, info: TensorInfo, offset: int, stride: int, seg: int, view: memoryview) -> None:
         for i in range(len(view) // seg if seg else 0):
