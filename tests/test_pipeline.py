@@ -133,6 +133,33 @@ def test_prefetcher_reads_several_items_at_once_in_small_parts(two_tensor_ckpt, 
     assert not _fp8stream_threads()
 
 
+def test_host_memory_stays_at_the_pool_on_a_checkpoint_much_larger_than_it(tmp_path):
+    """96 MiB read through a pool of 2 x 1 MiB buffers: the process's anonymous memory grows by about
+    the pool, not the checkpoint (positional reads into the pool, nothing memory-mapped or kept)."""
+    from fp8stream.memory import _rss_anon_bytes
+
+    rows, width = 24 * 1024, 1024  # float32: 96 MiB, 4 KiB rows
+    save_file({"x": torch.arange(rows, dtype=torch.float32).repeat_interleave(width).view(rows, width)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path, read_threads=4)
+    step = 256  # 1 MiB requests
+    reqs = [Request((("x", r, r + step),), torch.float32, step * width * 4) for r in range(0, rows, step)]
+    base = _rss_anon_bytes()
+    peak, seen = 0, 0
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False, part_size=256 << 10)
+    for i, req in enumerate(reqs):
+        buf, slot = pf.take(i)
+        got = host_view(ckpt, req, buf)
+        assert got[0, 0] == i * step and got[-1, -1] == i * step + step - 1  # the right rows arrived
+        seen += req.nbytes
+        peak = max(peak, _rss_anon_bytes() - base)
+        pf.release(slot, None)
+    pf.close()
+    ckpt.close()
+    assert seen == rows * width * 4
+    assert peak < 2 * (1 << 20) + (24 << 20), peak  # the pool (2 MiB) + slack for the interpreter, far below 96 MiB
+
+
 def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
     """Forcing the read-ahead pipeline on the CPU (it normally runs for CUDA) changes nothing in the model."""
     path, _ = make_checkpoint("qwen2_moe", tmp_path / "m", max_shard_size="100KB")
