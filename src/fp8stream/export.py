@@ -116,9 +116,9 @@ def _clear_checkpoint_files(out: Path) -> None:
 
 
 def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str, block: bool) -> int:
-    from .loader import _STAGE_BYTES_PER_ELEM, _rows_per_chunk as rows_per_chunk  # the loader's chunking and budget
+    from .loader import _rows_per_chunk as rows_per_chunk, _stage_extra  # the loader's chunking and budget
 
-    return rows_per_chunk(width, src_itemsize, staging, align, name, _STAGE_BYTES_PER_ELEM["blocks" if block else "rows"])
+    return rows_per_chunk(width, src_itemsize, staging, align, name, _stage_extra("blocks" if block else "rows", src_itemsize, torch.device("cpu")))
 
 
 def _module_of(key: str) -> str:

@@ -35,12 +35,20 @@ log = logging.getLogger("fp8stream")
 # Kept in full precision unless the user asks otherwise: MoE routers and shared-expert gates (tiny,
 # and routing decisions are sensitive); the output embedding is added by name at load time.
 DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
-# Device bytes per staged element while quantizing, besides the source element itself: the float32 copy,
-# one more float32-sized temporary (the per-element scale of blocks; headroom for the reductions of
-# rows) and the fp8 result. Kept tensors use the same chunk size (their temporaries are smaller).
-# On the H100 the measured peak stays ~190 MiB over final with a 256 MiB budget (BENCHMARKS.md); with
-# 4 + 1 here it went 31 MiB over, so keep the headroom until each temporary is measured.
-_STAGE_BYTES_PER_ELEM = {"rows": 4 + 4 + 1, "blocks": 4 + 4 + 1}
+# Device bytes per staged element besides the source chunk itself, measured on an H100 with
+# bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the row amax comes from aminmax
+# in the source dtype), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
+# abs() in bf16 + three bool masks).
+_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3}
+# Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
+# torch.cuda.max_memory_allocated counts and the report's tensor bytes do not (27 MiB on Qwen1.5-MoE).
+_ROUNDING_MARGIN = 2
+
+
+def _stage_extra(kind: str, src_itemsize: int, device: torch.device) -> int:
+    """Budgeted device bytes per staged element besides the source chunk. On CUDA the next chunk's
+    source is copied in (on the copy stream) while this one is quantized: one more source chunk."""
+    return _STAGE_BYTES_PER_ELEM[kind] + _ROUNDING_MARGIN + (src_itemsize if device.type == "cuda" else 0)
 
 
 @dataclass
@@ -162,6 +170,8 @@ class _Source:
         self._prefetcher: Prefetcher | None = None
         self._schedule: list[Request] = []
         self._pos = 0
+        self._copy_stream = None
+        self._consumed: list = []  # compute-stream events, one per chunk handed out (CUDA)
         self.loaded_bytes = 0  # bytes of checkpoint data handed to the device so far (for the timeline)
 
     def itemsize(self, plan: TargetPlan | None) -> int:
@@ -228,13 +238,34 @@ class _Source:
         buf, slot = self._prefetcher.take(self._pos - 1)
         host = host_view(self.ckpt, req, buf)
         if self.device.type == "cuda":
-            x = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()  # the buffer may be refilled once this copy is done
+            x, event = self._copy_in(host)
         else:  # the buffer goes back to the pool at once: copy out of it
             x, event = host.clone(), None
         self._prefetcher.release(slot, event)
         return x
+
+    def _copy_in(self, host: torch.Tensor):
+        """Host chunk -> device on the copy stream, so it overlaps the quantization of the chunk before.
+
+        At most two source chunks live on the device (the staging budget counts both): before a new one
+        is allocated, the loader thread waits until the device has finished the chunk before the last
+        one, whose memory the allocator can then hand out again (it was freed, with record_stream, on
+        the compute stream)."""
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        done = torch.cuda.Event()
+        done.record(compute)  # everything issued so far, i.e. the previous chunk's quantization
+        self._consumed.append(done)
+        if len(self._consumed) >= 2:  # [after chunk i-2's quantization, after chunk i-1's]: wait for the first
+            self._consumed.pop(0).synchronize()
+        with torch.cuda.stream(self._copy_stream):
+            x = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)  # also: the pinned buffer may be refilled
+        compute.wait_event(copied)
+        x.record_stream(compute)
+        return x, copied
 
 
 def _first_bad(plan: TargetPlan | None, bad_rows: torch.Tensor, ckpt: Checkpoint | None, name: str) -> str:
@@ -260,7 +291,7 @@ def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _C
     n, k = shape[-2], shape[-1]
     block = scheme == "fp8_per_block"
     step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name,
-                           _STAGE_BYTES_PER_ELEM["blocks" if block else "rows"])
+                           _stage_extra("blocks" if block else "rows", src.itemsize(t.plan), src.device))
     if block:
         step = min(step, math.ceil(n / BLOCK) * BLOCK)
     amax_reads = []
@@ -279,7 +310,7 @@ def _kept_chunks(t: _Target, src: _Source, staging: int) -> _Chunks:
     shape = tuple(t.module._parameters[t.attr].shape)
     width = shape[-1] if len(shape) >= 2 else None
     flat = math.prod(shape[:-1]) if width else (shape[0] if shape else 1)
-    step = _rows_per_chunk(width or 1, src.itemsize(t.plan), staging, 1, t.name, _STAGE_BYTES_PER_ELEM["rows"])
+    step = _rows_per_chunk(width or 1, src.itemsize(t.plan), staging, 1, t.name, _stage_extra("kept", src.itemsize(t.plan), src.device))
     return _Chunks(step, [], list(_chunks(flat, flat, step, per_slice=False)))
 
 
@@ -314,7 +345,7 @@ def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, 
         shard_scales = _shard_scales(t, c, src, ledger, device)
 
     for d0, d1 in c.rows:
-        staged = (d1 - d0) * k * (itemsize + _STAGE_BYTES_PER_ELEM["blocks" if block else "rows"])
+        staged = (d1 - d0) * k * (itemsize + _stage_extra("blocks" if block else "rows", itemsize, device))
         ledger.stage(staged)
         x = src.rows(t.plan, d0, d1, k, t.name)
         if block:
@@ -368,7 +399,8 @@ def _shard_scales(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, de
     shard = {key: i for i, key in enumerate(t.plan.sources)}
     k = t.plan.shape[-1]
     for key, r0, r1 in c.amax_reads:
-        staged = (r1 - r0) * k * (src.ckpt.tensors[key].dtype.itemsize + 4)
+        # the source chunk, abs() of it and (CUDA) the next chunk in flight, all in the source dtype
+        staged = (r1 - r0) * k * src.ckpt.tensors[key].dtype.itemsize * (3 if device.type == "cuda" else 2)
         ledger.stage(staged)
         i = shard[key]
         amax[i] = torch.maximum(amax[i], tensor_amax(src.key_rows(key, r0, r1, t.plan.cols)))
@@ -427,7 +459,7 @@ def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype
         finite = torch.ones((), dtype=torch.bool, device=device)
         for d0, d1 in c.rows:
             # the source rows, then isfinite's temporaries: abs() in the model dtype and three bool masks
-            staged = (d1 - d0) * (width or 1) * (itemsize + out_dtype.itemsize + 3)
+            staged = (d1 - d0) * (width or 1) * (itemsize + _stage_extra("kept", itemsize, device))
             ledger.stage(staged)
             x = src.rows(t.plan, d0, d1, width, t.name)
             out = dst_flat[d0:d1]
