@@ -43,6 +43,7 @@ class Caps(NamedTuple):
     triton_quant: bool = False
     triton_gemm: bool = False
     reference: bool = False  # FP8STREAM_KERNELS=reference
+    torch_grouped: bool = False  # grouped GEMM as a static loop over experts in torch (CPU under compile, tests)
 
 
 _CAPS: dict[int, Caps] = {}
@@ -395,8 +396,11 @@ def _act_quant(x2: torch.Tensor, mode: str, c: Caps, col_major: bool = False):
 def linear_cuda(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 scheme: str) -> torch.Tensor | None:
     """Fast FP8 Linear on CUDA: [M, K] -> [M, N] in x's dtype, or None when no fast path applies."""
+    return linear_fast(x2, weight, weight_scale, bias, scheme, caps(x2.device))
+
+
+def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps) -> torch.Tensor | None:
     n, k = weight.shape
-    c = caps(x2.device)
     if c.reference or n % 16 or k % 16:
         return None
     if x2.stride(-1) != 1:
@@ -430,6 +434,12 @@ def linear_cuda(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def experts_cuda(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
                  act_fn, scheme: str) -> torch.Tensor | None:
+    return experts_fast(x, top_k_index, top_k_weights, w1, s1, w2, s2, act_fn, scheme, caps(x.device))
+
+
+def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                 act_fn, scheme: str, c: Caps) -> torch.Tensor | None:
     """Grouped FP8 MoE experts on CUDA: x [T, H] -> [T, H], or None when no fast path applies.
 
     Route: sort the T*k (token, expert) pairs by expert; group bounds by searchsorted (no host sync);
@@ -437,15 +447,12 @@ def experts_cuda(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     quantization of the down GEMM's input; the routing weight is folded into that input's row scales
     (rowwise schemes); down = one grouped GEMM; rows go back to (token, slot) order and are summed.
     """
-    c = caps(x.device)
     e, two_i, h = w1.shape
     inter = two_i // 2
     if c.reference or h % 16 or inter % 16:
         return None
     block = scheme == "fp8_per_block"
-    if block and not c.triton_gemm:
-        return None
-    if not block and not (c.grouped or c.triton_gemm):
+    if not (c.triton_gemm or c.torch_grouped or (c.grouped and not block)):
         return None
     t, topk = top_k_index.shape
     if x.stride(-1) != 1:
@@ -475,7 +482,9 @@ def experts_cuda(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     else:
         qx, sx = _quant_torch(x[token_of], "row")
 
-    out_dtype = torch.bfloat16
+    # _scaled_grouped_mm writes bf16 only; the Triton / torch GEMMs write the model dtype
+    use_scaled = c.grouped and not block and not c.torch_grouped
+    out_dtype = torch.bfloat16 if use_scaled or x.dtype not in _DTYPES.values() else x.dtype
     gate_up = _grouped(qx, sx, w1, s1, starts, ends, block, c, out_dtype)
 
     # --- act(gate) * up, quantized for the down GEMM (routing weight folded into rowwise scales)
@@ -514,10 +523,25 @@ def experts_cuda(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
 
 
 def _grouped(q, s, w, ws, starts, ends, blockwise: bool, c: Caps, out_dtype):
+    if c.torch_grouped:
+        return _grouped_torch(q, s, w, ws, starts, ends, blockwise).to(out_dtype)
     if not blockwise and c.grouped:
         return torch._scaled_grouped_mm(q, w.transpose(-2, -1), scale_a=s.reshape(-1), scale_b=ws, offs=ends,
                                         out_dtype=out_dtype)
     return grouped_gemm(q, s, w, ws, starts, ends, blockwise, out_dtype)
+
+
+def _grouped_torch(q, s, w, ws, starts, ends, blockwise: bool) -> torch.Tensor:
+    """Grouped GEMM as a static loop over all groups (each masked to its rows): no data-dependent
+    shapes, so it traces without graph breaks; O(groups) work, for the CPU under compile and tests."""
+    scheme = "fp8_per_block" if blockwise else "fp8_per_channel"
+    a = dequantize_activation(q, s if blockwise else s.reshape(-1, 1), scheme)
+    rows = torch.arange(q.shape[0], device=q.device)
+    out = a.new_zeros(q.shape[0], w.shape[-2])
+    for g in range(w.shape[0]):
+        mask = ((rows >= starts[g]) & (rows < ends[g])).unsqueeze(-1)
+        out = out + torch.where(mask, a @ dequantize(w[g], ws[g], scheme).t(), 0.0)
+    return out
 
 
 def _segment_amax(amax_rows: torch.Tensor, sorted_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
