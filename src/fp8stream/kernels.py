@@ -194,7 +194,11 @@ def _caps_tuple(index: int) -> tuple:
 
 def caps(device: torch.device) -> Caps:
     """What the fast paths may use on this CUDA device (probed once; see PROBE_LOG for the details)."""
-    return Caps(*_caps_tuple(device.index if device.index is not None else torch.cuda.current_device()))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.compiler.is_compiling():
+        return Caps(*_caps_tuple(index))
+    c = _CAPS.get(index)  # eager: a dict lookup per call
+    return c if c is not None else _probe_cached(index)
 
 
 def prepare(device: str | torch.device = "cuda") -> dict:
