@@ -330,6 +330,16 @@ def test_cuda_linear_fp32_and_fp16_activations():
             assert _rel(y, K.reference_linear(x, qq, ss, bias, scheme)) < 1e-2
 
 
+def _as_close_as_reference(out, ref, ref64, name):
+    """Two bf16 pipelines that round an intermediate (gate_up, act(gate) * up) differently quantize it to
+    different fp8 codes where a value sits near a rounding boundary: they then differ by about the FP8
+    noise itself (~2-3% here), so the check is that the fast path is as close to the float64 truth as
+    the reference path is (a wrong routing, scale or layout is off by > 50%)."""
+    e_ref, e_out = _rel(ref.cpu(), ref64), _rel(out.cpu(), ref64)
+    assert e_out <= 1.5 * e_ref + 5e-3, (name, e_out, e_ref)
+    assert _rel(out, ref) < 0.08, (name, _rel(out, ref))
+
+
 @cuda_only
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("t", [1, 3, 8, 64, 600])
@@ -349,10 +359,8 @@ def test_cuda_experts_fast_matches_reference(scheme, t, act):
             assert scheme == "fp8_per_block" and not c.triton_gemm, name
             continue
         assert out.shape == x.shape and out.dtype == x.dtype, name
-        # bf16 intermediates: a gate_up value on an fp8 rounding boundary may land one code apart
-        assert _rel(out, ref) < 2e-2, (name, _rel(out, ref))
-        assert _rel(out.cpu(), ref64) < 3e-2, name
-    assert _rel(m(x, idx, wts), ref) < 2e-2  # the module's entry point
+        _as_close_as_reference(out, ref, ref64, name)
+    _as_close_as_reference(m(x, idx, wts), ref, ref64, "module")  # the module's entry point
 
 
 @cuda_only
@@ -371,7 +379,7 @@ def test_cuda_compile_fullgraph(scheme, mode):
     for mm in (1, 8, 300):
         x = torch.randn(mm, 1024, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):  # CUDA graphs: warm-up, record, replay
-            y = clin(x)
+            y = clin(x).clone()
         assert _rel(y, lin(x)) < 1e-2, mm
     m = _experts(8, 256, 128, scheme, device="cuda")
     cm = torch.compile(m, fullgraph=True, mode=mode)
@@ -379,8 +387,8 @@ def test_cuda_compile_fullgraph(scheme, mode):
         x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
         idx, wts = _routing(t, 2, 8, used=6, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
-            out = cm(x, idx, wts)
-        assert _rel(out, m(x, idx, wts)) < 2e-2, t
+            out = cm(x, idx, wts).clone()  # clone: CUDA-graph outputs are overwritten by the next replay
+        _as_close_as_reference(out, m.reference_forward(x, idx, wts), _experts_ref64(m, x, idx, wts), t)
 
 
 @cuda_only

@@ -238,7 +238,8 @@ def _quant_torch(x: torch.Tensor, mode: str, amax: torch.Tensor | None = None) -
     x32 = x.float()
     if amax is None:
         amax = x32.abs().amax() if mode == "tensor" else x32.abs().amax(dim=-1)
-    scale = scale_from_amax(amax).expand(x.shape[0]).contiguous() if amax.dim() == 0 else scale_from_amax(amax)
+    # repeat, not expand: a [1] tensor expanded from a scalar keeps stride 0, which _scaled_mm rejects
+    scale = scale_from_amax(amax).reshape(1).repeat(x.shape[0]) if amax.dim() == 0 else scale_from_amax(amax)
     return (x32 / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
