@@ -394,18 +394,22 @@ def test_cuda_compile_fullgraph(scheme, mode):
 @cuda_only
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
 def test_cuda_generate_static_cache_compiled(tmp_path, arch):
-    """transformers' generate with a static cache (auto-compiled decode step, CUDA graphs) on an FP8 model."""
+    """transformers' generate with a static cache (auto-compiled decode step, CUDA graphs) on an FP8
+    model: runs, is reproducible, and a compiled forward gives the eager forward's logits."""
     import fp8stream
     from tiny_models import make_checkpoint
 
     torch._dynamo.reset()
     path, _ = make_checkpoint(arch, tmp_path)
     model = fp8stream.load(path, device="cuda", progress=False)
-    ids = torch.randint(0, 256, (1, 12), device="cuda")
+    ids = torch.randint(0, 256, (2, 12), device="cuda")
     kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0)
     with torch.no_grad():
         eager = model.generate(ids, **kw)
-        compiled = model.generate(ids, cache_implementation="static", **kw)
-    assert compiled.shape == eager.shape == (1, 20)
-    # greedy tokens may differ where FP8 noise flips a near-tie; most must agree
-    assert (compiled == eager).double().mean() > 0.8
+        compiled = [model.generate(ids, cache_implementation="static", **kw) for _ in range(3)]
+        assert eager.shape == compiled[0].shape == (2, 20)
+        assert torch.equal(compiled[1], compiled[2])  # CUDA-graph replays reproduce the recorded run
+        # greedy tokens may differ where FP8 noise flips a near-tie, so compare logits of one forward
+        lg_eager = model(ids).logits.float()
+        lg_comp = torch.compile(model, fullgraph=False)(ids).logits.float()
+    assert _rel(lg_comp, lg_eager) < 0.15
