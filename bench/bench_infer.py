@@ -639,7 +639,8 @@ def main(argv=None) -> int:
         try:
             with open(out / f"worker-{i:02d}.log", "w") as log:
                 p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=str(ROOT), env=pyenv,
-                                   stdout=log, stderr=subprocess.STDOUT, timeout=max(30, deadline - now + 90))
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   timeout=max(30, min(deadline - now + 90, end + 40 - now)))  # hard stop: budget + 40 s
             if p.returncode:
                 err = f"worker exit code {p.returncode} (log: worker-{i:02d}.log)"
         except subprocess.TimeoutExpired:

@@ -17,8 +17,9 @@ fp8_gemm_kernel      C = (A * sa) @ (B * sb)^T (+ bias): dense or grouped (rows 
 import triton
 import triton.language as tl
 
-_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
-_FP8_MAX = 448.0
+# Globals read inside @triton.jit functions must be constexpr (newer Triton rejects plain globals).
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
+_FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
