@@ -213,6 +213,14 @@ def run_linear(spec: dict, out: Path) -> None:
                                 return torch._scaled_mm(qx, q.t(), scale_a=sxv, scale_b=sw, out_dtype=torch.bfloat16)
                             rec["bare_gemm"] = "torch._scaled_mm rowwise"
                             rec["quant_us"] = _time_loop(lambda: K._act_quant(x, mode, c))
+                            if c.triton_gemm:  # the Triton rowwise GEMM on the same inputs (FP8STREAM_TRITON_MAX_M)
+                                def tri():
+                                    return K.grouped_gemm(qx, sx, q, s, None, None, False, torch.bfloat16)
+                                rec["triton_gemm_us"] = _time_loop(tri)
+                                try:
+                                    rec["graph_triton_gemm_us"] = _time_graph(tri)
+                                except Exception as e:  # noqa: BLE001
+                                    rec["graph_triton_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                         rec["bare_us"] = _time_loop(bare)
                         rec["overhead_pct"] = 100 * (rec["fp8_us"] / rec["bare_us"] - 1)
                         rec["speedup_vs_bf16"] = rec["bf16_us"] / rec["fp8_us"]
@@ -515,17 +523,20 @@ def markdown(env: dict, records: list[dict], args, wall_s: float) -> str:
         lines += ["## FP8Linear vs bf16 vs bare FP8 GEMM (microseconds per call)", "",
                   "eager = back-to-back calls (launch overhead included); graph = replayed CUDA graph (GPU time). "
                   "overhead = FP8Linear / bare GEMM - 1 (the activation quantization).", "",
-                  "| scheme | N x K | M | bf16 | FP8Linear | bare GEMM | quant | overhead | FP8 vs bf16 | graph bf16 | graph FP8Linear | graph bare | compiled FP8Linear | rel err |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "triton GEMM = the Triton rowwise kernel on the same quantized inputs (eager / graph), "
+                  "an alternative to the bare cuBLAS GEMM at small M.", "",
+                  "| scheme | N x K | M | bf16 | FP8Linear | bare GEMM | quant | overhead | FP8 vs bf16 | graph bf16 | graph FP8Linear | graph bare | compiled FP8Linear | triton GEMM | rel err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in lin:
             if "skipped" in r or "error" in r:
-                lines.append(f"| {r['scheme']} | {r['n']}x{r['k']} | {r['m']} | {r.get('skipped') or r.get('error')} |||||||||||")
+                lines.append(f"| {r['scheme']} | {r['n']}x{r['k']} | {r['m']} | {r.get('skipped') or r.get('error')} ||||||||||||")
                 continue
             lines.append(
                 f"| {r['scheme']} | {r['n']}x{r['k']} | {r['m']} | {_fmt(r.get('bf16_us'))} | {_fmt(r.get('fp8_us'))} | "
                 f"{_fmt(r.get('bare_us'))} | {_fmt(r.get('quant_us'))} | {_fmt(r.get('overhead_pct'), 0)}% | "
                 f"{_fmt(r.get('speedup_vs_bf16'), 2)}x | {_fmt(r.get('graph_bf16_us'))} | {_fmt(r.get('graph_fp8_us'))} | "
-                f"{_fmt(r.get('graph_bare_us'))} | {_fmt(r.get('compiled_fp8_us'))} | {_fmt(r.get('rel_err_vs_reference'), 4)} |")
+                f"{_fmt(r.get('graph_bare_us'))} | {_fmt(r.get('compiled_fp8_us'))} | "
+                f"{_fmt(r.get('triton_gemm_us'))} / {_fmt(r.get('graph_triton_gemm_us'))} | {_fmt(r.get('rel_err_vs_reference'), 4)} |")
         lines.append("")
     mod = [r for r in records if r.get("kind") == "model" and r.get("task") != "load"]
     if mod:

@@ -299,7 +299,7 @@ def _variants():
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("m", [1, 5, 16, 256, 1024])
 @pytest.mark.parametrize("nk", [(256, 512), (384, 640), (512, 1408)])
-def test_cuda_linear_fast_matches_reference(scheme, m, nk):
+def test_cuda_linear_fast_matches_reference(scheme, m, nk, monkeypatch):
     n, k = nk
     q, s = _cuda_weight(n, k, scheme)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -314,6 +314,12 @@ def test_cuda_linear_fast_matches_reference(scheme, m, nk):
         assert y.shape == (m, n) and y.dtype == torch.bfloat16, name
         assert _rel(y, ref) < 1e-2, (name, _rel(y, ref))  # bf16 output rounding; boundary codes of activations
         assert _rel(y.cpu(), ref64) < 1e-2, name
+    c = K.caps(torch.device("cuda"))
+    if c.triton_gemm:  # the opt-in Triton GEMM for rowwise schemes (FP8STREAM_TRITON_MAX_M)
+        monkeypatch.setattr(K, "_TRITON_MAX_M", 1 << 30)
+        y = K.linear_fast(x, q, s, bias, scheme, c)
+        assert y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2, "triton small-M"
+        monkeypatch.setattr(K, "_TRITON_MAX_M", 0)
     y = fp8_linear(x.view(1, m, k), q, s, bias, scheme)  # the module's entry point
     assert y.shape == (1, m, n) and _rel(y.view(m, n), ref) < 1e-2
 

@@ -47,6 +47,9 @@ class Caps(NamedTuple):
 
 
 _CAPS: dict[int, Caps] = {}
+# Rowwise Linear with at most this many rows uses the Triton GEMM instead of torch._scaled_mm (default 0:
+# never). For trying the Triton kernel at decode sizes; bench_infer's Linear table times both.
+_TRITON_MAX_M = int(os.environ.get("FP8STREAM_TRITON_MAX_M", "0") or 0)
 PROBE_LOG: dict[int, dict[str, str]] = {}  # device index -> what each probe said (for reports / debugging)
 _TK = None
 
@@ -312,10 +315,28 @@ def quant_triton(x: torch.Tensor, mode: str, *, idx: torch.Tensor | None = None,
     return q, s
 
 
-def _gemm_config(rows: int, groups: int) -> tuple[int, int, int, int]:
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def _gemm_config(rows: int, groups: int, n: int, sms: int) -> tuple[int, int, int, int]:
+    """BM from the rows per group; BN shrinks (128 -> 64 -> 32) while too few tiles would be active to
+    keep every SM streaming weights (decode: a handful of rows)."""
     avg = rows / max(1, min(groups, rows))
     bm = 16 if avg <= 16 else 32 if avg <= 32 else 64 if avg <= 64 else 128
-    return bm, 128, 4 if bm <= 32 else 8, 3  # BM, BN, num_warps, num_stages
+    active_m = -(-rows // bm) + (min(groups, rows) if groups > 1 else 0)
+    bn = 128
+    while bn > 32 and active_m * -(-n // bn) < sms:
+        bn //= 2
+    return bm, bn, 4 if bm <= 32 else 8, 3  # BM, BN, num_warps, num_stages
 
 
 def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, out_dtype) -> torch.Tensor:
@@ -327,7 +348,7 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
     out = torch.empty(rows, n, device=a.device, dtype=out_dtype)
     if rows == 0:
         return out
-    bm, bn, warps, stages = _gemm_config(rows, e)
+    bm, bn, warps, stages = _gemm_config(rows, e, n, _sm_count(a.device))
     if grouped:
         tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
         tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
@@ -422,6 +443,10 @@ def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps) -> torch.T
             out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
             return grouped_gemm(qx, sx, weight, weight_scale, None, None, True, out_dtype, bias=bias).to(x2.dtype)
         return None
+    if c.triton_gemm and x2.shape[0] <= _TRITON_MAX_M:  # opt-in (FP8STREAM_TRITON_MAX_M): Triton GEMM at small M
+        qx, sx = _act_quant(x2, "row" if scheme == "fp8_per_channel" else "tensor", c)
+        out_dtype = x2.dtype if x2.dtype in _DTYPES.values() else torch.bfloat16
+        return grouped_gemm(qx, sx, weight, weight_scale, None, None, False, out_dtype, bias=bias).to(x2.dtype)
     if not c.scaled_mm:
         return None
     qx, sx = _act_quant(x2, "row" if scheme == "fp8_per_channel" else "tensor", c)
