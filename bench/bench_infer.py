@@ -268,6 +268,8 @@ def build_model(model: str, variant: str, layers: int | None):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device(DEVICE):
             m = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        if next(m.parameters()).device.type != torch.device(DEVICE).type:  # built elsewhere: move it
+            m = m.to(DEVICE)
     else:
         import fp8stream
 
