@@ -331,9 +331,26 @@ def _compile_layers(model) -> int:
             continue
     if layers is None:
         raise RuntimeError("no decoder layer list found")
+    import torch
+
+    # one compiled graph should serve every layer; if a per-layer attribute forces recompiles, let them
+    # happen (compile time grows) rather than fall back to eager past the default limit of 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
+                                                                8 * len(layers))
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+def _unique_graphs() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def run_model(spec: dict, out: Path) -> None:
@@ -370,17 +387,23 @@ def run_model(spec: dict, out: Path) -> None:
                     rec["compiled_layers"] = _compile_layers(model)
                     compiled_layers = True
                 t0 = time.perf_counter()
+                graphs0 = _unique_graphs()
                 rec["tok_s"] = _prefill_tok_s(model, b, t, warm=2 if mode == "compiled" else 1)
                 rec["wall_s"] = time.perf_counter() - t0
                 rec["tokens"] = b * t
+                if mode == "compiled" and graphs0 is not None:
+                    rec["dynamo_graphs_compiled"] = _unique_graphs() - graphs0  # 1 = all layers share one graph
             else:
                 b = int(shape[1:])
                 new = spec["new_tokens"]
                 static = mode == "compiled"
                 if static and compiled_layers:
                     raise RuntimeError("decode compiled must run before the regional prefill compile")
+                graphs0 = _unique_graphs()
                 rec["tok_s"], rec["warmup_s"] = _decode_tok_s(model, b, new, static, new if static else 8,
                                                               reps=spec["reps"])
+                if static and graphs0 is not None:
+                    rec["dynamo_graphs_compiled"] = _unique_graphs() - graphs0
                 if static and first_compile_s is None:
                     first_compile_s = rec["warmup_s"]
                 rec.update(batch=b, new_tokens=new, prompt_tokens=32)
