@@ -592,7 +592,8 @@ def markdown(env: dict, records: list[dict], args, wall_s: float) -> str:
                         elif "tok_s" in r:
                             base = cells.get(("bf16", mode, t), {}).get("tok_s")
                             ratio = f" ({r['tok_s'] / base:.2f}x)" if base and variant != "bf16" else ""
-                            row.append(f"{r['tok_s']:.0f}{ratio}")
+                            flag = " (nothing compiled!)" if mode == "compiled" and r.get("dynamo_graphs_compiled") == 0 else ""
+                            row.append(f"{r['tok_s']:.0f}{ratio}{flag}")
                         else:
                             row.append(("skipped" if "skipped" in r else "error: " + r.get("error", "?")[:80]).replace("|", "/"))
                     lines.append(f"| {variant} | {mode} | " + " | ".join(row) + " |")
