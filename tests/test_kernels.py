@@ -232,6 +232,38 @@ def test_triton_quant_in_interpreter(mode):
         assert torch.allclose(s.reshape(sr.shape), sr, rtol=1e-2)
 
 
+def test_generate_compile_uses_the_static_cache_recipe():
+    """fp8stream generate --compile: transformers' generate with cache_implementation="static" (it then
+    compiles the decode step itself on CUDA)."""
+    from types import SimpleNamespace
+
+    from fp8stream.cli import generate_text
+
+    class Tok:
+        chat_template, pad_token_id, eos_token_id = None, 0, 0
+
+        def __call__(self, text, return_tensors):
+            return SimpleNamespace(input_ids=torch.tensor([[5, 6]]))
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids.tolist()))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def generate(self, ids, **kw):
+            self.kw = kw
+            return torch.cat([ids, torch.tensor([[7, 8]])], dim=1)
+
+    m = Model()
+    assert generate_text(m, Tok(), "hi", 2, compile=True) == "7 8"
+    assert m.kw["cache_implementation"] == "static" and m.kw["max_new_tokens"] == 2
+    generate_text(m, Tok(), "hi", 2)
+    assert "cache_implementation" not in m.kw
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 
 @cuda_only
