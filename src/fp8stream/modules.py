@@ -4,9 +4,10 @@ Weights are float8_e4m3fn with float32 scales:
   fp8_per_channel / fp8_per_tensor: `weight_scale` [..., N] (per-tensor keeps one value per checkpoint
   shard, broadcast over that shard's rows, so fused q/k/v or gate/up never share a scale);
   fp8_per_block: `weight_scale` [..., ceil(N/128), ceil(K/128)].
-On CUDA (sm_89+) per-channel / per-tensor run torch._scaled_mm with rowwise scales; everything else
-(CPU, the block scheme, shapes _scaled_mm rejects) runs a reference path that dequantizes the fp8
-operands and multiplies in float32. Both compute the same function.
+On CUDA the forward runs the fast paths of kernels.py (fused dynamic activation quantization, FP8
+GEMMs: torch._scaled_mm, blockwise F.scaled_mm / Triton, torch._scaled_grouped_mm for MoE experts);
+everything else (CPU, shapes no kernel takes) runs a reference path that dequantizes the fp8 operands
+and multiplies in float32. Both compute the same function.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from . import kernels
 from .errors import UnsupportedModelError
-from .quantize import BLOCK, FP8_DTYPE, dequantize, dequantize_activation, quantize_activation
+from .quantize import BLOCK, FP8_DTYPE
 
 
 def _scale_shape(scheme: str, lead: tuple[int, ...], n: int, k: int) -> tuple[int, ...]:
@@ -32,31 +34,15 @@ def _empty_param(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def _scaled_mm_ok(x: torch.Tensor, n: int, k: int, scheme: str) -> bool:
-    return x.is_cuda and scheme != "fp8_per_block" and n % 16 == 0 and k % 16 == 0
-
-
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str
 ) -> torch.Tensor:
     """y = dynamic_fp8(x) @ weight^T * scales (+ bias), in x's dtype. weight [N, K] fp8."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
-    qx, sx = quantize_activation(x2, scheme)
-    if _scaled_mm_ok(x2, n, k, scheme):
-        # Rowwise-scaled FP8 GEMM only produces bf16; other model dtypes are cast afterwards.
-        fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
-        y = torch._scaled_mm(
-            qx, weight.t(), scale_a=sx, scale_b=weight_scale.view(1, n), bias=fused_bias, out_dtype=torch.bfloat16
-        )
-        if bias is not None and fused_bias is None:
-            y = y + bias
-        y = y.to(x.dtype)
-    else:
-        y = dequantize_activation(qx, sx, scheme) @ dequantize(weight, weight_scale, scheme).t()
-        if bias is not None:
-            y = y + bias.float()
-        y = y.to(x.dtype)
+    y = kernels.linear_cuda(x2, weight, weight_scale, bias, scheme) if x2.is_cuda else None
+    if y is None:
+        y = kernels.reference_linear(x2, weight, weight_scale, bias, scheme).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -97,6 +83,20 @@ class FP8Experts(nn.Module):
         self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        args = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+                self.down_proj_scale, self.act_fn, self.scheme)
+        if hidden_states.is_cuda:
+            out = kernels.experts_cuda(*args)
+            if out is not None:
+                return out
+        if torch.compiler.is_compiling():  # the reference loop syncs on expert counts: a static masked loop instead
+            out = kernels.experts_fast(*args, kernels.Caps(torch_grouped=True))
+            if out is not None:
+                return out
+        return self.reference_forward(hidden_states, top_k_index, top_k_weights)
+
+    def reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One reference FP8 Linear pair per active expert (host loop over the expert counts)."""
         out = torch.zeros_like(hidden_states)
         flat_experts = top_k_index.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)

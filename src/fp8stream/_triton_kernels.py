@@ -1,0 +1,149 @@
+"""Triton kernels behind fp8stream.kernels (imported lazily, only when a CUDA tensor needs them).
+
+Only the long-standing Triton API is used (load/store/dot/max/where), so the kernels build with the
+Triton that ships with torch 2.6+ and run under TRITON_INTERPRET=1 on CPU tensors for debugging.
+
+quant_rows_kernel    one program per row: amax over the row (or a given amax), scale = max(amax/448,
+                     tiny), q = fp8(clamp(x / scale)); optionally gathers its input row through an index
+                     (MoE: tokens sorted by expert), computes act(gate) * up on the fly (the MoE
+                     activation between the two grouped GEMMs) and multiplies the stored scale by a
+                     per-row factor (routing weight), which only the GEMM's output scaling sees.
+quant_groups_kernel  the same for 1x128 groups along K (fp8_per_block activations); scale strides are
+                     free, so the column-major [M, K/128] layout blockwise cuBLAS wants is written directly.
+fp8_gemm_kernel      C = (A * sa) @ (B * sb)^T (+ bias): dense or grouped (rows sorted by group, B [E, N, K]),
+                     rowwise scales applied in the epilogue or 1x128 x 128x128 block scales applied per K block.
+"""
+
+import triton
+import triton.language as tl
+
+# Globals read inside @triton.jit functions must be constexpr (newer Triton rejects plain globals).
+_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
+_FP8_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def _load_act(x_row, offs, mask, I_OFF, ACT: tl.constexpr):
+    if ACT:  # silu(gate) * up, rounded like the eager model code (each op rounds to the activation dtype)
+        g = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_row + I_OFF + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (g / (1.0 + tl.exp(-g))).to(x_row.dtype.element_ty).to(tl.float32)
+        return (h * u).to(x_row.dtype.element_ty).to(tl.float32)
+    else:
+        return tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def quant_rows_kernel(x_ptr, idx_ptr, amax_ptr, rw_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, amax_stride, I_OFF,
+                      HAS_IDX: tl.constexpr, GIVEN_AMAX: tl.constexpr, ACT: tl.constexpr, HAS_RW: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    if HAS_IDX:
+        src = tl.load(idx_ptr + row).to(tl.int64)
+    else:
+        src = row.to(tl.int64)
+    x_row = x_ptr + src * stride_xm
+    q_row = q_ptr + row.to(tl.int64) * stride_qm
+    cols = tl.arange(0, BLOCK_K)
+    if GIVEN_AMAX:
+        amax = tl.load(amax_ptr + row.to(tl.int64) * amax_stride).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + cols
+            v = _load_act(x_row, offs, offs < K, I_OFF, ACT)
+            acc = tl.maximum(acc, tl.abs(v))
+        amax = tl.max(acc, axis=0)
+    scale = tl.maximum(amax / _FP8_MAX, _TINY)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + cols
+        mask = offs < K
+        v = _load_act(x_row, offs, mask, I_OFF, ACT)
+        q = tl.minimum(tl.maximum(v / scale, -_FP8_MAX), _FP8_MAX)
+        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if HAS_RW:
+        scale = scale * tl.load(rw_ptr + row).to(tl.float32)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def quant_groups_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, K, G, stride_xm, stride_qm, s_stride_m, s_stride_g, I_OFF,
+                        HAS_IDX: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    row = tl.program_id(0)
+    gb = tl.program_id(1)
+    if HAS_IDX:
+        src = tl.load(idx_ptr + row).to(tl.int64)
+    else:
+        src = row.to(tl.int64)
+    x_row = x_ptr + src * stride_xm
+    g = gb * BLOCK_G + tl.arange(0, BLOCK_G)
+    c = tl.arange(0, GROUP)
+    offs = g[:, None] * GROUP + c[None, :]
+    mask = (g[:, None] < G) & (offs < K)
+    v = _load_act(x_row, offs, mask, I_OFF, ACT)
+    amax = tl.max(tl.abs(v), axis=1)
+    scale = tl.maximum(amax / _FP8_MAX, _TINY)
+    q = tl.minimum(tl.maximum(v / scale[:, None], -_FP8_MAX), _FP8_MAX)
+    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row.to(tl.int64) * s_stride_m + g * s_stride_g, scale, mask=g < G)
+
+
+@triton.jit
+def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, tile_end_ptr,
+                    M, N, K, E,
+                    stride_am, stride_as_m, stride_as_k,
+                    stride_be, stride_bn, stride_bk,
+                    stride_bs_e, stride_bs_n, stride_bs_k,
+                    stride_cm,
+                    GROUPED: tl.constexpr, BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUPED:
+        # Tiles of each group are numbered consecutively; tile_end is the inclusive cumsum of
+        # ceil(rows_e / BM). The grid has an upper bound of tiles; programs past the last one exit.
+        es = tl.arange(0, E_P2)
+        t_end = tl.load(tile_end_ptr + es, mask=es < E, other=2147483647)
+        e = tl.sum((t_end <= pid_m).to(tl.int32), axis=0)
+        if e >= E:
+            return
+        row_start = tl.load(starts_ptr + e)
+        row_end = tl.load(ends_ptr + e)
+        n_tiles = (row_end - row_start + BM - 1) // BM
+        local = pid_m - (tl.load(tile_end_ptr + e) - n_tiles)
+        m0 = row_start + local * BM
+    else:
+        e = pid_m * 0
+        row_end = M
+        m0 = pid_m * BM
+    rm = m0 + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mask_m = rm < row_end
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    a_ptrs = a_ptr + rm64[:, None] * stride_am + rk[None, :]
+    b_base = b_ptr + e.to(tl.int64) * stride_be
+    b_ptrs = b_base + rn[None, :].to(tl.int64) * stride_bn + rk[:, None] * stride_bk
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[None, :] & kmask[:, None], other=0.0)
+        if BLOCKWISE:
+            kb = k0 // 128
+            sa = tl.load(as_ptr + rm64 * stride_as_m + kb * stride_as_k, mask=mask_m, other=0.0)
+            sb = tl.load(bs_ptr + e * stride_bs_e + ((pid_n * BN) // 128) * stride_bs_n + kb * stride_bs_k)
+            acc += tl.dot(a, b) * (sa[:, None] * sb)
+        else:
+            acc += tl.dot(a, b)
+        a_ptrs += BK
+        b_ptrs += BK * stride_bk
+    if not BLOCKWISE:
+        sa = tl.load(as_ptr + rm64 * stride_as_m, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptr + e * stride_bs_e + rn * stride_bs_n, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
