@@ -184,6 +184,32 @@ def test_compile_fullgraph_cpu(scheme):
     assert _rel(got, m(xe, idx, wts)) < 1e-5
 
 
+def _ep_shard(m, start, n):
+    """Experts [start, start + n) of `m` as an expert-parallel rank would hold them."""
+    part = _experts(n, m.hidden_dim, m.intermediate_dim, m.scheme)
+    for name in ("gate_up_proj", "gate_up_proj_scale", "down_proj", "down_proj_scale"):
+        getattr(part, name).data = getattr(m, name).data[start : start + n].clone()
+    part.expert_start, part.expert_parallel = start, True
+    return part
+
+
+@pytest.mark.parametrize("scheme", ["fp8_per_channel", "fp8_per_block"])
+def test_expert_parallel_shards_sum_to_the_whole_compiled(scheme):
+    """Global expert ids on a rank that holds 3 of 6 experts: the compiled (static, routed-by-local-id)
+    path adds nothing for other ranks' experts, so the two ranks' outputs sum to the whole module's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _experts(6, 64, 48, scheme)
+    x = torch.randn(7, 64)
+    idx, wts = _routing(7, 2, 6, used=6)
+    whole = m.reference_forward(x, idx, wts)
+    parts = [_ep_shard(m, start, 3) for start in (0, 3)]
+    ref = sum(p.reference_forward(x, idx, wts) for p in parts)  # the eager reference skips other ranks' pairs
+    assert _rel(ref, whole) < 1e-5
+    got = sum(torch.compile(p, fullgraph=True, backend="eager")(x, idx, wts) for p in parts)
+    assert _rel(got, whole) < 0.02  # the compiled path's own FP8 rounding (vs the reference loop), nothing routed twice
+
+
 @pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_triton_gemm_in_interpreter(scheme):
@@ -399,6 +425,18 @@ def test_cuda_experts_fast_matches_reference(scheme, t, act):
         assert out.shape == x.shape and out.dtype == x.dtype, name
         _as_close_as_reference(out, ref, ref64, name)
     _as_close_as_reference(m(x, idx, wts), ref, ref64, "module")  # the module's entry point
+
+
+@cuda_only
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_expert_parallel_shards_sum_to_the_whole(scheme):
+    torch.manual_seed(1)
+    m = _experts(8, 256, 192, scheme, device="cuda")
+    x = torch.randn(33, 256, device="cuda", dtype=torch.bfloat16)
+    idx, wts = _routing(33, 4, 8, used=8, device="cuda", dtype=torch.bfloat16)
+    whole = m.reference_forward(x, idx, wts).float()
+    got = sum(_ep_shard(m.cpu(), s, 4).cuda()(x, idx, wts).float() for s in (0, 4))
+    assert _rel(got, whole) < 0.05, _rel(got, whole)
 
 
 @cuda_only

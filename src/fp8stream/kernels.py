@@ -22,7 +22,6 @@ benchmarks of the baseline); FP8STREAM_NO_TRITON=1 disables the Triton kernels.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 

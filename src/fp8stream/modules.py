@@ -76,6 +76,7 @@ class FP8Experts(nn.Module):
         e, two_i, h = experts.gate_up_proj.shape
         self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
         self.expert_start = 0  # expert parallel: this module holds experts [expert_start, expert_start + num_experts)
+        self.expert_parallel = False  # set by the parallel layout: top_k_index then holds global expert ids
         self.act_fn = experts.act_fn
         self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
         self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
@@ -83,6 +84,19 @@ class FP8Experts(nn.Module):
         self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.expert_parallel and (hidden_states.is_cuda or torch.compiler.is_compiling()):
+            # The fast paths route by local expert id. A pair routed to another rank's expert goes to local
+            # expert 0 with routing weight 0: it adds exactly nothing (the reference loop skips it instead).
+            local = top_k_index - self.expert_start
+            here = (local >= 0) & (local < self.num_experts)
+            top_k_index = torch.where(here, local, torch.zeros_like(local))
+            top_k_weights = torch.where(here, top_k_weights, torch.zeros_like(top_k_weights))
+            args = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+                    self.down_proj_scale, self.act_fn, self.scheme)
+            out = kernels.experts_cuda(*args) if hidden_states.is_cuda else kernels.experts_fast(*args, kernels.Caps(torch_grouped=True))
+            if out is not None:
+                return out
+            return _local_reference(self, hidden_states, top_k_index, top_k_weights)
         args = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
                 self.down_proj_scale, self.act_fn, self.scheme)
         if hidden_states.is_cuda:
@@ -115,6 +129,14 @@ class FP8Experts(nn.Module):
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
             start += count
         return out
+
+
+def _local_reference(module: FP8Experts, hidden_states, local_index, weights) -> torch.Tensor:
+    start, module.expert_start = module.expert_start, 0  # ids are local already
+    try:
+        return module.reference_forward(hidden_states, local_index, weights)
+    finally:
+        module.expert_start = start
 
 
 def _is_fused_experts(module: nn.Module) -> bool:

@@ -214,6 +214,7 @@ def shard_meta(model: nn.Module, layout: Layout) -> None:
             module.num_experts = module.gate_up_proj.shape[0]
             module.intermediate_dim = module.down_proj.shape[-1]
             module.expert_start = layout.experts.get(name, (0, 0))[0]
+            module.expert_parallel = name in layout.experts
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
 
