@@ -287,3 +287,36 @@ def test_peak_is_logged_at_debug_level(checkpoints, caplog):
         model = fp8stream.load(path, device="cpu", progress=False)
     line = f"Peak device memory while loading weights: {model.fp8stream_report.peak_bytes / 2**30:.2f} GiB"
     assert any(r.name == "fp8stream" and r.levelname == "DEBUG" and r.getMessage() == line for r in caplog.records)
+
+
+def test_keep_sensitive_keeps_first_and_last_layer(checkpoints):
+    path, ref = checkpoints("qwen2")
+    model = fp8stream.load(path, device="cpu", progress=False, keep_sensitive=True)
+    rep = model.fp8stream_report
+    n = ref.config.num_hidden_layers
+    want = [name for name, m in ref.named_modules() if isinstance(m, nn.Linear) and name.startswith(
+        (f"model.layers.0.", f"model.layers.{n - 1}."))]
+    assert want and rep.kept_sensitive == want and "first and the last decoder layer" in rep.kept_sensitive_rule
+    assert set(want) <= set(rep.kept_modules)
+    ref_params = dict(ref.named_parameters())
+    for name in want:  # kept bit-exact in the model dtype
+        mod = model.get_submodule(name)
+        assert isinstance(mod, nn.Linear) and torch.equal(mod.weight, ref_params[f"{name}.weight"])
+    default = fp8stream.load(path, device="cpu", progress=False).fp8stream_report
+    assert default.kept_sensitive == [] and default.kept_sensitive_rule == ""
+    assert rep.final_bytes > default.final_bytes
+
+
+
+def test_sensitive_modules_are_the_first_and_last_layer_only():
+    from fp8stream.load_plan import build_meta_model
+    from fp8stream.modules import sensitive_modules
+    from tiny_models import COMMON, CONFIGS
+    from transformers import AutoConfig
+
+    kw = {**COMMON, **CONFIGS["qwen2_moe"], "num_hidden_layers": 5}
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    names = sensitive_modules(build_meta_model(cfg, torch.bfloat16))
+    layers = {int(n.split(".")[2]) for n in names}
+    assert layers == {0, 4}
+    assert any(n.endswith("mlp.experts") for n in names) and any(n.endswith("self_attn.q_proj") for n in names)

@@ -26,7 +26,7 @@ from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_sc
 from .memory import MemoryLedger, Sampler
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
 from .pipeline import Prefetcher, Request, host_view, read_now, row_bytes
-from .modules import FP8Experts, FP8Linear, replace_with_fp8
+from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, replace_with_fp8, sensitive_modules
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
 from .report import LoadReport
 
@@ -563,6 +563,7 @@ def load(
     timeline: str | Path | None = None,
     tp: int = 1,
     ep: bool = False,
+    keep_sensitive: bool = False,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
@@ -578,6 +579,9 @@ def load(
     this rank loads, and reads, only its part of the model: tensor parallel along transformers'
     `base_model_tp_plan`, MoE experts expert-parallel with `ep` (see parallel.py); device "cuda" means
     cuda:LOCAL_RANK. The report is this rank's.
+
+    `keep_sensitive`: also keep the first and the last decoder layer's Linear / experts modules in the
+    model dtype (chosen by name, no calibration data; the report's `kept_sensitive` lists them).
     """
     if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
@@ -625,6 +629,8 @@ def load(
         ignore.append(rf"^{out_name}$")
     if pre is not None and plans is not None:
         ignore += _full_precision_modules(model, plans, ckpt)
+    sensitive = sensitive_modules(model) if keep_sensitive else []
+    ignore += [rf"^{re.escape(n)}$" for n in sensitive]
     try:
         quantized, kept_modules = replace_with_fp8(model, scheme, ignore, dtype)
     except Exception as e:
@@ -709,7 +715,8 @@ def load(
         quantized_tensors=n_quant, kept_tensors=n_kept, peak_measured_by=ledger.measured_by,
         host_rss_anon_peak_delta_bytes=ledger.rss_peak, host_peak_bytes=ledger.host_peak_bytes,
         pinned_host_bytes=pinned, read_threads=read_threads if ckpt is not None else 0, load_format=load_format,
-        quantized_modules=quantized, kept_modules=kept_modules, read_bytes=ckpt.bytes_read if ckpt is not None else 0,
+        quantized_modules=quantized, kept_modules=kept_modules, kept_sensitive=sensitive,
+        kept_sensitive_rule=SENSITIVE_RULE if keep_sensitive else "", read_bytes=ckpt.bytes_read if ckpt is not None else 0,
         rank=group.rank if group else 0, world_size=group.world if group else 1, tp=tp, ep=layout.ep if layout else 1,
     )
     if group is None:

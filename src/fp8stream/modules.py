@@ -155,6 +155,26 @@ def _check_standard_experts(name: str, module: nn.Module) -> None:
         raise UnsupportedModelError(f"{name}: unexpected experts shapes {tuple(module.gate_up_proj.shape)} / {tuple(module.down_proj.shape)}")
 
 
+_LAYER = re.compile(r"^(.*\blayers)\.(\d+)\.")
+# keep_sensitive: what it keeps and why (ACCURACY.md, "Per-layer sensitivity").
+SENSITIVE_RULE = ("the first and the last decoder layer: the most sensitive to weight quantization on "
+                  "SmolLM2-135M (per-layer KL ~1.5-2x the median, ACCURACY.md)")
+
+
+def sensitive_modules(model: nn.Module) -> list[str]:
+    """The Linear / fused-experts modules of the first and the last decoder layer (`...layers.N.`).
+
+    Decided from module names alone, so it needs no weights and no calibration data; [] for a model
+    without numbered layers.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_fused_experts(m)]
+    nums = sorted({int(mm.group(2)) for n in names if (mm := _LAYER.match(n))})
+    if not nums:
+        return []
+    ends = {nums[0], nums[-1]}
+    return [n for n in names if (mm := _LAYER.match(n)) and int(mm.group(2)) in ends]
+
+
 def replace_with_fp8(
     model: nn.Module, scheme: str, ignore: Iterable[str], dtype: torch.dtype
 ) -> tuple[list[str], list[str]]:

@@ -32,6 +32,8 @@ class LoadReport:
     ep: int = 1
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: list[str] = field(default_factory=list)
+    kept_sensitive: list[str] = field(default_factory=list)  # kept in the model dtype by keep_sensitive
+    kept_sensitive_rule: str = ""  # why (empty when keep_sensitive is off)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
