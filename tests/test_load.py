@@ -295,7 +295,7 @@ def test_keep_sensitive_keeps_first_and_last_layer(checkpoints):
     rep = model.fp8stream_report
     n = ref.config.num_hidden_layers
     want = [name for name, m in ref.named_modules() if isinstance(m, nn.Linear) and name.startswith(
-        (f"model.layers.0.", f"model.layers.{n - 1}."))]
+        ("model.layers.0.", f"model.layers.{n - 1}."))]
     assert want and rep.kept_sensitive == want and "first and the last decoder layer" in rep.kept_sensitive_rule
     assert set(want) <= set(rep.kept_modules)
     ref_params = dict(ref.named_parameters())
