@@ -16,7 +16,8 @@ from torch import nn
 
 from fp8stream import kernels as K
 from fp8stream.modules import FP8Experts, FP8Linear, fp8_linear
-from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation, quantize_blocks, quantize_rows
+from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation
+from tiny_models import quantize_weight as _quantize_weight
 
 SCHEMES = ["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"]
 CUDA = torch.cuda.is_available()
@@ -31,15 +32,6 @@ def _triton_interpretable():
     except Exception:
         return False
     return True
-
-
-def _quantize_weight(w, scheme):
-    if scheme == "fp8_per_block":
-        return quantize_blocks(w.clone())
-    if scheme == "fp8_per_tensor":
-        s = (w.abs().amax() / 448).expand(w.shape[0]).contiguous()
-        return quantize_rows(w.clone(), s)
-    return quantize_rows(w.clone())
 
 
 def _rel(a, b):

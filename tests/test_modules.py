@@ -3,18 +3,10 @@ import torch
 from torch import nn
 
 from fp8stream.modules import FP8Experts, FP8Linear, fp8_linear, replace_with_fp8
-from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation, quantize_blocks, quantize_rows
+from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation
+from tiny_models import quantize_weight as _quantize_weight
 
 SCHEMES = ["fp8_per_channel", "fp8_per_tensor", "fp8_per_block"]
-
-
-def _quantize_weight(w, scheme):
-    if scheme == "fp8_per_block":
-        return quantize_blocks(w.clone())
-    if scheme == "fp8_per_tensor":
-        s = (w.abs().amax() / 448).expand(w.shape[0]).contiguous()
-        return quantize_rows(w.clone(), s)
-    return quantize_rows(w.clone())
 
 
 def _reference(x, q, s, bias, scheme):

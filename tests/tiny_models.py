@@ -51,3 +51,16 @@ def make_checkpoint(arch: str, out: Path, dtype=torch.bfloat16, seed: int = 0, m
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
     return out, model
+
+
+def quantize_weight(w, scheme):
+    """One weight quantized the way the loader stores it for `scheme` (per-tensor: one scale broadcast per row)."""
+    from fp8stream.quantize import quantize_blocks, quantize_rows
+
+    if scheme == "fp8_per_block":
+        return quantize_blocks(w.clone())
+    if scheme == "fp8_per_tensor":
+        s = (w.abs().amax() / 448).expand(w.shape[0]).contiguous()
+        return quantize_rows(w.clone(), s)
+    return quantize_rows(w.clone())
+
