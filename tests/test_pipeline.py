@@ -133,6 +133,28 @@ def test_prefetcher_reads_several_items_at_once_in_small_parts(two_tensor_ckpt, 
     assert not _fp8stream_threads()
 
 
+def test_prefetcher_advises_the_kernel_ahead_of_reading(two_tensor_ckpt, monkeypatch):
+    """Cold disks: every whole-row item is advised (POSIX_FADV_WILLNEED) no later than it is read, in
+    schedule order; column slices (another rank's bytes in between) are not."""
+    ckpt, _ = two_tensor_ckpt
+    events = []
+    real_advise, real_pread = Checkpoint.advise, Checkpoint._pread
+    monkeypatch.setattr(Checkpoint, "advise", lambda self, reads: events.append(("advise", tuple(reads))) or real_advise(self, reads))
+    monkeypatch.setattr(Checkpoint, "_pread", lambda self, info, off, view: events.append(("read", info.key)) or real_pread(self, info, off, view))
+    reqs = [Request((("a", i, i + 16),), torch.bfloat16, 16 * 48 * 2) for i in range(0, 64, 16)]
+    reqs.append(Request((("a", 0, 8),), torch.bfloat16, 8 * 10 * 2, cols=(4, 14)))
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False)
+    for i in range(len(reqs)):
+        _, slot = pf.take(i)
+        pf.release(slot, None)
+    pf.close()
+    ckpt.close()
+    advised = [e[1] for e in events if e[0] == "advise"]
+    assert advised == [r.reads for r in reqs[:4]]  # whole rows, in order; the column slice is not advised
+    first_read = next(i for i, e in enumerate(events) if e[0] == "read")
+    assert all(e[0] == "advise" for e in events[:first_read]) and first_read >= 4  # 1 GiB window: all ahead
+
+
 def test_host_memory_stays_at_the_pool_on_a_checkpoint_much_larger_than_it(tmp_path):
     """96 MiB read through a pool of 2 x 1 MiB buffers: the process's anonymous memory grows by about
     the pool, not the checkpoint (positional reads into the pool, nothing memory-mapped or kept)."""
