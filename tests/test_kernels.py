@@ -39,9 +39,14 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def _ref_linear64(x, q, s, bias, scheme):
-    qx, sx = quantize_activation(x.reshape(-1, x.shape[-1]).float(), scheme)
-    y = dequantize_activation(qx, sx, scheme).double() @ dequantize(q, s, scheme).double().t()
+def _ref_linear64(x, q, s, bias, scheme, decode_rule=True):
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if decode_rule and x2.shape[0] <= K.GEMV_MAX_M:  # the decode rule: a few rows are not quantized
+        a = x2.double()
+    else:
+        qx, sx = quantize_activation(x2, scheme)
+        a = dequantize_activation(qx, sx, scheme).double()
+    y = a @ dequantize(q, s, scheme).double().t()
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], -1)
@@ -82,9 +87,9 @@ def _experts_ref64(m, x, idx, wts):
         tok, slot = (idx == ex).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        g, u = _ref_linear64(x[tok], gu[ex], gus[ex], None, m.scheme).chunk(2, dim=-1)
+        g, u = _ref_linear64(x[tok], gu[ex], gus[ex], None, m.scheme, False).chunk(2, dim=-1)  # experts: W8A8 always
         a = (m.act_fn(g.float()) * u.float())
-        out.index_add_(0, tok, wts[tok, slot].unsqueeze(1) * _ref_linear64(a, dn[ex], dns[ex], None, m.scheme))
+        out.index_add_(0, tok, wts[tok, slot].unsqueeze(1) * _ref_linear64(a, dn[ex], dns[ex], None, m.scheme, False))
     return out
 
 
@@ -221,6 +226,24 @@ def test_triton_gemm_in_interpreter(scheme):
         assert _rel(y, _ref_linear64(xl, q, s, bias, scheme)) < 1e-5
     else:
         assert y is None  # rowwise dense needs torch._scaled_mm
+
+
+@pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_triton_gemv_in_interpreter(scheme):
+    """The decode kernel (W8A16) computes x @ dequantize(w)^T + bias: M padded to 16 and 32, N and K not
+    multiples of the tiles (nor of 128), fp16 and fp32 activations (the interpreter cannot multiply bf16)."""
+    for m, n, k in ((1, 208, 384), (3, 256, 304), (16, 144, 1008), (17, 144, 1008)):
+        q, s = _quantize_weight(torch.randn(n, k) * (1 + 3 * torch.rand(n, 1)), scheme)
+        for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
+            x, bias = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+            y = K.gemv(x, q, s, bias, scheme)
+            ref = x.double() @ dequantize(q, s, scheme).double().t() + bias.double()
+            assert y.shape == (m, n) and y.dtype == dtype and _rel(y, ref) < tol, (m, n, k, dtype)
+            if m <= K.GEMV_MAX_M:  # the Linear entry point takes it at decode sizes
+                assert _rel(K.linear_fast(x, q, s, bias, scheme, K.Caps(triton_gemv=True)), ref) < tol
+            else:
+                assert K.linear_fast(x, q, s, bias, scheme, K.Caps(triton_gemv=True)) is None
 
 
 @pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
@@ -365,7 +388,10 @@ def test_cuda_linear_fast_matches_reference(scheme, m, nk, monkeypatch):
         assert _rel(y, ref) < 1e-2, (name, _rel(y, ref))  # bf16 output rounding; boundary codes of activations
         assert _rel(y.cpu(), ref64) < 1e-2, name
     c = K.caps(torch.device("cuda"))
-    if c.triton_gemm:  # the opt-in Triton GEMM for rowwise schemes (FP8STREAM_TRITON_MAX_M)
+    if m <= K.GEMV_MAX_M:  # decode sizes: the W8A16 kernel, else the reference path (same function)
+        assert c.triton_gemv
+        assert K.linear_fast(x, q, s, bias, scheme, c._replace(triton_gemv=False)) is None
+    elif c.triton_gemm:  # the opt-in Triton GEMM for rowwise schemes (FP8STREAM_TRITON_MAX_M)
         monkeypatch.setattr(K, "_TRITON_MAX_M", 1 << 30)
         y = K.linear_fast(x, q, s, bias, scheme, c)
         assert y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2, "triton small-M"

@@ -12,6 +12,11 @@ quant_groups_kernel  the same for 1x128 groups along K (fp8_per_block activation
                      free, so the column-major [M, K/128] layout blockwise cuBLAS wants is written directly.
 fp8_gemm_kernel      C = (A * sa) @ (B * sb)^T (+ bias): dense or grouped (rows sorted by group, B [E, N, K]),
                      rowwise scales applied in the epilogue or 1x128 x 128x128 block scales applied per K block.
+fp8_gemv_kernel      small M (decode): C = X @ (B * sb)^T (+ bias) with X as it comes (W8A16: no activation
+                     quantization) and B's FP8 bytes widened in registers; one kernel per Linear. At a
+                     handful of rows the weight bytes are the time; a fused per-token quantization needs
+                     the row amax before the first weight byte is used, which measured 1.3-2x slower
+                     (bench/sweep_gemv.py).
 """
 
 import triton
@@ -147,3 +152,38 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, e
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+
+@triton.jit
+def fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+                    stride_xm, stride_wn, stride_ws_n, stride_ws_k, stride_om,
+                    BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # x as it comes (bf16 / fp16; fp32 in full precision), the FP8 weight widened in registers.
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mask_m = rm < M
+    mask_n = rn < N
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + rk) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[None, :] & kmask[:, None], other=0.0).to(x_ptr.dtype.element_ty)
+        if BLOCKWISE:  # BK == 128 and BN divides 128: one weight scale per K step
+            sb = tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_ws_n + (k0 // 128) * stride_ws_k)
+            acc += tl.dot(x, w, input_precision="ieee") * sb
+        else:
+            acc += tl.dot(x, w, input_precision="ieee")
+        x_ptrs += BK
+        w_ptrs += BK
+    if not BLOCKWISE:
+        acc = acc * tl.load(ws_ptr + rn * stride_ws_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

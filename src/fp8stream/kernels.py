@@ -1,7 +1,8 @@
 """FP8 forward paths: dynamic activation quantization + FP8 GEMMs, dense (Linear) and grouped (MoE experts).
 
 Every path computes the function the reference defines (quantize.py: scale = max(amax / 448, tiny),
-q = fp8(clamp(x / scale)); y = (q_x * s_x) @ (q_w * s_w)^T), only faster:
+q = fp8(clamp(x / scale)); y = (q_x * s_x) @ (q_w * s_w)^T; a Linear input of <= GEMV_MAX_M rows is
+not quantized: y = x @ (q_w * s_w)^T), only faster:
 
   what                     eager on CUDA                         under torch.compile on CUDA        CPU / fallback
   activation quantization  one Triton kernel (per token, per     plain torch ops (inductor fuses    plain torch ops
@@ -13,6 +14,8 @@ q = fp8(clamp(x / scale)); y = (q_x * s_x) @ (q_w * s_w)^T), only faster:
   MoE per-channel/tensor   sort by expert, torch._scaled_grouped_mm for gate_up and down, routing weight
                            folded into the down GEMM's row scales, combine by index_copy + sum        per-expert loop
   MoE per-block            the same with the Triton grouped blockwise GEMM
+  Linear, <= GEMV_MAX_M    (decode) no activation quantization: the Triton GEMM widens the FP8 weight    dequantize + matmul
+  rows (16)                in registers (W8A16), one kernel; a custom op under compile
 
 Capabilities are probed once per device (tiny self-tests against the reference, cached); the probe is
 marked as a constant for dynamo, so compiling a model before any eager call still picks the fast
@@ -43,12 +46,19 @@ class Caps(NamedTuple):
     triton_gemm: bool = False
     reference: bool = False  # FP8STREAM_KERNELS=reference
     torch_grouped: bool = False  # grouped GEMM as a static loop over experts in torch (CPU under compile, tests)
+    triton_gemv: bool = False  # Triton W8A16 GEMM for inputs of <= GEMV_MAX_M rows (decode)
 
 
 _CAPS: dict[int, Caps] = {}
 # Rowwise Linear with at most this many rows uses the Triton GEMM instead of torch._scaled_mm (default 0:
 # never). For trying the Triton kernel at decode sizes; bench_infer's Linear table times both.
 _TRITON_MAX_M = int(os.environ.get("FP8STREAM_TRITON_MAX_M", "0") or 0)
+# Decode rule (every device, the reference path too): a Linear input of at most this many rows is not
+# quantized; the FP8 weight is dequantized inside the GEMM (W8A16, one Triton kernel on CUDA). At decode
+# sizes the time is the weight bytes and the launches, not the math: quantizing a few rows bought nothing
+# and cost a kernel (bench/sweep_gemv.py), and the unquantized rows are more accurate.
+# FP8STREAM_GEMV_MAX_M=0: W8A8 at every size.
+GEMV_MAX_M = int(os.environ.get("FP8STREAM_GEMV_MAX_M", "16") or 0)
 PROBE_LOG: dict[int, dict[str, str]] = {}  # device index -> what each probe said (for reports / debugging)
 _TK = None
 
@@ -170,10 +180,19 @@ def _probe(index: int) -> Caps:
                 start += c
             return _rel_err(y, torch.cat(ref))
 
+        def tgemv():
+            errs = []
+            x, bias = rnd(3, 384).to(torch.bfloat16), rnd(200).to(torch.bfloat16)
+            for scheme in ("fp8_per_channel", "fp8_per_block"):
+                qw, sw = _weight_for_probe(rnd(200, 384), scheme)
+                errs.append(_rel_err(gemv(x, qw, sw, bias, scheme), _w8a16(x, qw, sw, bias, scheme)))
+            return max(errs)
+
         triton_quant = attempt("triton quant", tquant)
         triton_gemm = attempt("triton gemm", tgemm)
+        triton_gemv = attempt("triton gemv (W8A16)", tgemv)
     return Caps(scaled_mm=scaled_mm, grouped=grouped_ok, blockwise=blockwise_ok, triton_quant=triton_quant,
-                triton_gemm=triton_gemm)
+                triton_gemm=triton_gemm, triton_gemv=triton_gemv if tk is not None else False)
 
 
 def _probe_cached(index: int) -> Caps:
@@ -389,6 +408,62 @@ def _(a, a_scale, b, b_scale, bias, starts, ends, blockwise, out_dtype):
     return a.new_empty(a.shape[0], b.shape[-2], dtype=_DTYPES[out_dtype])
 
 
+def _weight_for_probe(w: torch.Tensor, scheme: str):
+    from .quantize import quantize_blocks
+
+    if scheme == "fp8_per_block":
+        return quantize_blocks(w)
+    q, s = quantize_activation(w, scheme)
+    return q, s.view(-1)
+
+
+def _gemv_config(n: int, blockwise: bool) -> tuple[int, int, int, int]:
+    """BN, BK, num_warps, num_stages: the fastest in bench/sweep_gemv.py at M = 1 and 16 on the Llama-8B and
+    Qwen1.5-MoE shapes (H200, L2-cold weights); BK is 128 for block scales (one scale per K step)."""
+    if blockwise:
+        return 32, 128, 4, 3
+    return 32, 256 if n >= 8192 else 512, 4, 3
+
+
+def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    tk = triton_kernels()
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    blockwise = scheme == "fp8_per_block"
+    bn, bk, warps, stages = config or _gemv_config(n, blockwise)
+    ws = w_scale if blockwise else w_scale.view(-1, 1)
+    tk.fp8_gemv_kernel[(-(-n // bn),)](
+        x, w, ws, bias if bias is not None else out, out, m, n, k,
+        x.stride(0), w.stride(0), ws.stride(0), ws.stride(1), out.stride(0),
+        BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BM=max(16, _pow2(m)), BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+@torch.library.custom_op("fp8stream::fp8_gemv", mutates_args=())
+def _fp8_gemv_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 scheme: str) -> torch.Tensor:
+    return _launch_gemv(x, w, w_scale, bias, scheme)
+
+
+@_fp8_gemv_op.register_fake
+def _(x, w, w_scale, bias, scheme):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str) -> torch.Tensor:
+    """FP8-weight Linear for a few rows in one kernel (W8A16): x [M, K] @ dequantize(w, w_scale)^T (+ bias), in
+    x's dtype. w [N, K] fp8; scales rowwise [N], or blockwise [N/128, K/128]."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if torch.compiler.is_compiling():
+        return _fp8_gemv_op(x, w, w_scale, bias, scheme)
+    return _launch_gemv(x, w, w_scale, bias, scheme)
+
+
 def grouped_gemm(a, a_scale, b, b_scale, starts, ends, blockwise: bool, out_dtype, bias=None) -> torch.Tensor:
     """Triton FP8 GEMM. Dense: b [N, K]; grouped: b [E, N, K], rows of `a` sorted by group, [starts, ends).
     Scales: rowwise a_scale [M], b_scale [(E,) N]; blockwise a_scale [M, K/128] (any strides),
@@ -402,13 +477,22 @@ def grouped_gemm(a, a_scale, b, b_scale, starts, ends, blockwise: bool, out_dtyp
 
 # ----------------------------------------------------------------------------------------- Linear
 
-def reference_linear(x2, weight, weight_scale, bias, scheme) -> torch.Tensor:
-    """Dequantize both operands and multiply in float32 (CPU, and CUDA shapes no kernel takes)."""
+def reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule: bool = True) -> torch.Tensor:
+    """Dequantize both operands and multiply in float32 (CPU, and CUDA shapes no kernel takes); with
+    decode_rule, inputs of at most GEMV_MAX_M rows are not quantized (see GEMV_MAX_M; MoE experts,
+    whose fast path is a grouped W8A8 GEMM at every size, pass False)."""
+    if decode_rule and x2.shape[0] <= GEMV_MAX_M:
+        return _w8a16(x2, weight, weight_scale, bias, scheme)
     qx, sx = quantize_activation(x2, scheme)
     y = dequantize_activation(qx, sx, scheme) @ dequantize(weight, weight_scale, scheme).t()
     if bias is not None:
         y = y + bias.float()
     return y
+
+
+def _w8a16(x2, weight, weight_scale, bias, scheme) -> torch.Tensor:
+    y = x2.float() @ dequantize(weight, weight_scale, scheme).t()
+    return y + bias.float() if bias is not None else y
 
 
 def _act_quant(x2: torch.Tensor, mode: str, c: Caps, col_major: bool = False):
@@ -419,17 +503,23 @@ def _act_quant(x2: torch.Tensor, mode: str, c: Caps, col_major: bool = False):
 
 
 def linear_cuda(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                scheme: str) -> torch.Tensor | None:
+                scheme: str, decode_rule: bool = True) -> torch.Tensor | None:
     """Fast FP8 Linear on CUDA: [M, K] -> [M, N] in x's dtype, or None when no fast path applies."""
-    return linear_fast(x2, weight, weight_scale, bias, scheme, caps(x2.device))
+    return linear_fast(x2, weight, weight_scale, bias, scheme, caps(x2.device), decode_rule)
 
 
-def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps) -> torch.Tensor | None:
+def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps, decode_rule: bool = True) -> torch.Tensor | None:
     n, k = weight.shape
     if c.reference or n % 16 or k % 16:
         return None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if decode_rule and x2.shape[0] <= GEMV_MAX_M:  # the decode rule: W8A16 (without Triton: the reference path)
+        if not c.triton_gemv:
+            return None
+        if bias is not None and bias.dtype != x2.dtype:
+            return gemv(x2, weight, weight_scale, None, scheme) + bias
+        return gemv(x2, weight, weight_scale, bias, scheme)
     if scheme == "fp8_per_block":
         if c.blockwise and n % BLOCK == 0 and k % BLOCK == 0:
             qx, sx = _act_quant(x2, "group", c, col_major=True)

@@ -35,14 +35,16 @@ def _empty_param(shape, dtype, device) -> nn.Parameter:
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str,
+    decode_rule: bool = True,
 ) -> torch.Tensor:
-    """y = dynamic_fp8(x) @ weight^T * scales (+ bias), in x's dtype. weight [N, K] fp8."""
+    """y = dynamic_fp8(x) @ weight^T * scales (+ bias), in x's dtype. weight [N, K] fp8. With decode_rule,
+    x of at most kernels.GEMV_MAX_M rows is not quantized (W8A16; see kernels.GEMV_MAX_M)."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
-    y = kernels.linear_cuda(x2, weight, weight_scale, bias, scheme) if x2.is_cuda else None
+    y = kernels.linear_cuda(x2, weight, weight_scale, bias, scheme, decode_rule) if x2.is_cuda else None
     if y is None:
-        y = kernels.reference_linear(x2, weight, weight_scale, bias, scheme).to(x.dtype)
+        y = kernels.reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -124,8 +126,8 @@ class FP8Experts(nn.Module):
                 continue
             tokens = token_of[start : start + count]
             x = hidden_states[tokens]
-            gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme).chunk(2, dim=-1)
-            y = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale[e], None, self.scheme)
+            gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme, False).chunk(2, dim=-1)
+            y = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale[e], None, self.scheme, False)
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
             start += count
         return out
