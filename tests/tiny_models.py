@@ -26,22 +26,23 @@ CONFIGS = {
 }
 
 
-def make_config(arch: str):
+def make_config(arch: str, **overrides):
     from transformers import AutoConfig
 
     kw = dict(CONFIGS[arch])
     model_type = kw.pop("model_type")
     if model_type != "opt":
         kw = {**COMMON, **kw}
-    return AutoConfig.for_model(model_type, **kw)
+    return AutoConfig.for_model(model_type, **{**kw, **overrides})
 
 
-def make_checkpoint(arch: str, out: Path, dtype=torch.bfloat16, seed: int = 0, max_shard_size=None):
-    """Random-weight model saved with save_pretrained; returns (path, the transformers model in `dtype`)."""
+def make_checkpoint(arch: str, out: Path, dtype=torch.bfloat16, seed: int = 0, max_shard_size=None, **overrides):
+    """Random-weight model saved with save_pretrained; returns (path, the transformers model in `dtype`).
+    `overrides`: config values to change (e.g. num_hidden_layers)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = make_config(arch)
+    config = make_config(arch, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # a spread of magnitudes per row, so scales matter
         for name, p in model.named_parameters():

@@ -12,6 +12,7 @@ streamed row-wise and is reported as unsupported rather than guessed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from contextlib import contextmanager
@@ -110,9 +111,21 @@ def _conversions(model):
     return renamings, converters
 
 
-def _natural_key(key: str):
-    # (0, n) for a number, (1, text) otherwise: a key with 'x0' where others have '0' must still sort, not raise
-    return [(0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in key.split(".")], key
+def _natural_order(keys) -> list[str]:
+    """`keys` sorted with their numbers compared as numbers ('layers.2' before 'layers.10')."""
+    parts: dict[str, tuple[int, int, str]] = {}  # one sort key per distinct dot-separated part (most repeat)
+
+    def natural_key(key: str):
+        out = []
+        for p in key.split("."):
+            k = parts.get(p)
+            if k is None:
+                # (0, n) for a number, (1, text) otherwise: a key with 'x0' where others have '0' must still sort, not raise
+                k = parts[p] = (0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p)
+            out.append(k)
+        return out, key
+
+    return sorted(keys, key=natural_key)
 
 
 def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None = None) -> dict[str, TargetPlan]:
@@ -122,30 +135,32 @@ def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None =
     weights are then planned like any weight, and each '<module>.<scale_suffix>' next to an FP8
     '<module>.weight' is set aside: its rows follow the weight's (see `scale_pieces`).
     """
-    from transformers.core_model_loading import rename_source_key
-
     meta = dict(model.state_dict(keep_vars=True))
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     ignore_unexpected = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     renamings, converters = _conversions(model)
+    rename = _Renamer(renamings, converters, getattr(model, "base_model_prefix", None), meta)
 
     plans: dict[str, TargetPlan] = {}
     groups: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
     fp8_ok = scale_suffix is not None
-    for key in sorted(ckpt.tensors, key=_natural_key):
+    conv_of: dict[str, object] = {}  # converter source pattern -> the first converter that has it
+    for c in converters:
+        for p in c.source_patterns:
+            conv_of.setdefault(p, c)
+    for key in _natural_order(ckpt.tensors):
         info = ckpt.tensors[key]
         if fp8_ok and key.endswith("." + scale_suffix):
             weight = ckpt.tensors.get(key[: -len(scale_suffix)] + "weight")
             if weight is None or weight.dtype != FP8_DTYPE:
                 raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (no FP8 weight '{key[: -len(scale_suffix)]}weight' next to it)")
             continue
-        target, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), meta)
-        loose = _loose_match(key, renamings, converters)
+        target, pattern, loose = rename(key)
         if loose is not None:
             raise CheckpointError(f"{info.file}: unexpected tensor '{key}' (it only loosely resembles the checkpoint name pattern '{loose}')")
         if pattern is not None:
-            conv = next(c for c in converters if pattern in c.source_patterns)
+            conv = conv_of[pattern]
             _check_float(info, fp8_ok)
             groups[(id(conv), target)].append((pattern, key))
             continue
@@ -186,6 +201,138 @@ def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None =
     return plans
 
 
+# False: every key goes through transformers' rename_source_key and `_loose_match` (the reference path the tests
+# compare `_Renamer`'s reuse against).
+_REUSE_RENAMES = True
+
+# A token of the regexes transformers compiles from plain names: a word, '\.', '.*', '.', '^', '(?!\w)'
+_RX_TOKEN = r"(?:[A-Za-z_]\w*|\\\.|\.\*|\.|\^|\(\?!\\w\))"
+_RX_BRANCH = re.compile(rf"\(\?P<g(\d+)>({_RX_TOKEN}+)\)", re.ASCII)
+_RX_PLAIN = re.compile(rf"{_RX_BRANCH.pattern}(?:\|{_RX_BRANCH.pattern})*", re.ASCII)
+_KEY_PLAIN = re.compile(r"(?:[A-Za-z_]\w*|\d+)(?:\.(?:[A-Za-z_]\w*|\d+))*", re.ASCII)  # dotted words and numbers
+_NUMBER = re.compile(r"(?<![^.])(\d+)(?![^.])", re.ASCII)  # a whole dot-separated number (split: keeps it)
+
+
+def _number_blind(t) -> bool:
+    """Whether transform `t` renames two keys that differ only in their numbers (whole dot-separated components)
+    the same way, carrying the numbers over unchanged. See `_Renamer` for why these conditions are enough."""
+    from transformers.core_model_loading import WeightTransform
+
+    cls = type(t)
+    regex, targets, sources = (getattr(t, a, None) for a in ("compiled_sources", "target_patterns", "source_patterns"))
+    if (getattr(cls, "rename_source_key", None) is not WeightTransform.rename_source_key
+            or getattr(cls, "_scoped_match", None) is not WeightTransform._scoped_match
+            or getattr(t, "scope_prefix", None) is not None or not isinstance(regex, re.Pattern) or regex.flags & ~re.UNICODE
+            or not targets or not sources or not re.fullmatch(r"(?:[A-Za-z_]\w*|\.)+", targets[0], re.ASCII)
+            or not _RX_PLAIN.fullmatch(regex.pattern)):
+        return False
+    replacement = targets[0]
+    for branch in _RX_BRANCH.finditer(regex.pattern):
+        tokens = re.findall(_RX_TOKEN, branch.group(2), re.ASCII)
+        consuming = [i for i, tok in enumerate(tokens) if tok not in ("^", r"(?!\w)")]
+        if not any(tok[0].isalpha() or tok[0] == "_" for tok in tokens):
+            return False
+        for i in consuming:
+            prev, nxt = tokens[i - 1] if i else "", tokens[i + 1] if i + 1 < len(tokens) else ""
+            if tokens[i] == ".*" and nxt != r"\.":
+                return False  # '.*' must stop at a dot, never inside a number
+            if tokens[i] == "." and not (prev[:1].isalpha() or prev[:1] == "_" or nxt[:1].isalpha() or nxt[:1] == "_"):
+                return False  # '.' next to a word cannot match a digit of a number
+        first, last = tokens[consuming[0]], tokens[consuming[-1]]
+        if first in (".", r"\.") and not replacement.startswith("."):
+            return False  # the match may start with the dot after a number: keep a dot there
+        if last in (".", r"\.") and not replacement.endswith("."):
+            return False  # ... or end with the dot before one
+        if last == "." and not re.fullmatch(r"[\w.*]+", sources[int(branch.group(1))]):
+            return False  # a final '.' may match a letter, leaving the digits after it a name of their own: only
+            # `_loose_match` (None for every reused shape) proves it matched a dot, and only for such plain names
+        if last not in (".", r"\.", ".*") and r"(?!\w)" not in tokens[consuming[-1]:]:
+            return False  # a final word must not end inside a longer word
+    return True
+
+
+class _Renamer:
+    r"""key -> (model name, converter source pattern or None, loose pattern or None), exactly what transformers'
+    rename_source_key(key, renamings, converters, base_model_prefix, meta) and `_loose_match` give, computed once
+    per key *shape* (the key with its numbers taken out: 'model.layers.#.mlp.experts.#.up_proj.weight') and reused
+    for the other keys of that shape with their own numbers (Qwen1.5-MoE-A2.7B: 4659 keys, 17 shapes).
+
+    Why reuse is exact. It is only done when every transform is `_number_blind` (transformers' plain regex renaming,
+    regexes made of words, '\.', '.' next to a word, '.*' followed by '\.', '^' and '(?!\w)', replaced by a dotted
+    name), the key is dotted words and numbers, its numbers pairwise distinct, and the first key of the shape was
+    not a loose match (build_plan stops there anyway). Then no atom of such a regex can match a digit of a number
+    except '.*', which stops only before a dot: a word starts with a letter and the character before a number's
+    digit is a dot or a digit; '.' next to a word would need that word to match next to the digit. So each search
+    matches the same branch at the same place of the shape in both keys, its text differing only in whole numbers;
+    str.replace's first occurrence of that text is the same place (another occurrence would repeat a number); the
+    replacement keeps the dots around numbers (the boundary rules in `_number_blind`), so the renamed key is again
+    dotted words, empty names and the key's numbers, and the next transform sees the same shape. Hence the renamed
+    key is the representative's with the numbers substituted, and the converter pattern and the loose-match result
+    are the representative's. That substitution is also checked on a second, synthetic key with other (longer)
+    numbers before a shape is reused. The base-model prefix step depends on `meta` (is the renamed key a
+    parameter?), so it is not reused: transformers runs it for every key, on the renamed key.
+    """
+
+    def __init__(self, renamings: list, converters: list, prefix: str | None, meta: dict):
+        from transformers.core_model_loading import rename_source_key
+
+        self._rename_source_key = rename_source_key
+        self.renamings, self.converters, self.prefix, self.meta = renamings, converters, prefix, meta
+        self.reuse = _REUSE_RENAMES and all(_number_blind(t) for t in list(renamings) + list(converters))
+        # key shape -> (renamed key without the base-model prefix step, as a str.format template of the key's
+        # numbers, converter source pattern), or None where keys of that shape are renamed one by one
+        self.shapes: dict[tuple[str, ...], tuple[str, str | None] | None] = {}
+        self.prefixed: dict[str, str] = {}
+
+    def exact(self, key: str) -> tuple[str, str | None, str | None]:
+        target, pattern = self._rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta)
+        return target, pattern, _loose_match(key, self.renamings, self.converters)
+
+    def __call__(self, key: str) -> tuple[str, str | None, str | None]:
+        if not self.reuse:
+            return self.exact(key)
+        pieces = _NUMBER.split(key)  # [text, number, text, number, ..., text]
+        numbers = pieces[1::2]
+        if len(set(numbers)) < len(numbers):
+            return self.exact(key)
+        shape = tuple(pieces[0::2])
+        if shape not in self.shapes:
+            return self._learn(key, shape, numbers)
+        known = self.shapes[shape]
+        if known is None:
+            return self.exact(key)
+        return self._prefixed(known[0].format(*numbers)), known[1], None
+
+    def _prefixed(self, renamed_key: str) -> str:
+        """transformers' base-model prefix step alone (no transforms) on an already renamed key; the experts of
+        one layer share their renamed key, so it is remembered."""
+        target = self.prefixed.get(renamed_key)
+        if target is None:
+            target = self.prefixed[renamed_key] = self._rename_source_key(renamed_key, [], [], self.prefix, self.meta)[0]
+        return target
+
+    def _learn(self, key: str, shape: tuple[str, ...], numbers: list[str]) -> tuple[str, str | None, str | None]:
+        """The exact result for `key`, the first of its shape; reuse it for the shape if it passes the checks."""
+        result = self.exact(key)
+        self.shapes[shape] = None
+        # (whether a key is dotted words and numbers depends only on its shape: its numbers are whole components)
+        if not numbers or not _KEY_PLAIN.fullmatch(key) or result[2] is not None:
+            return result
+        renamed_key, pattern = self._rename_source_key(key, self.renamings, self.converters)
+        renamed = _NUMBER.split(renamed_key)
+        if (pattern != result[1] or any(n not in numbers for n in renamed[1::2])
+                or self._prefixed(renamed_key) != result[0]):
+            return result
+        template = "".join("{%d}" % numbers.index(p) if i % 2 else p.replace("{", "{{").replace("}", "}}") for i, p in enumerate(renamed))
+        # the same shape with other numbers (longer, distinct) must rename to the template filled with them
+        other = [str(10 ** (1 + max(map(len, numbers))) + i) for i in range(len(numbers))]
+        synthetic = "".join(other[i // 2] if i % 2 else p for i, p in enumerate(_NUMBER.split(key)))
+        if (self._rename_source_key(synthetic, self.renamings, self.converters) == (template.format(*other), pattern)
+                and _loose_match(synthetic, self.renamings, self.converters) is None):
+            self.shapes[shape] = (template, pattern)
+        return result
+
+
 def _loose_match(key: str, renamings, converters) -> str | None:
     """The rename/convert pattern that matched `key` only because transformers matches its patterns as
     regexes ('.block_sparse_moe.' also matches ':block_sparse_moe.'), or None: a misspelled key must not be
@@ -203,12 +350,21 @@ def _loose_match(key: str, renamings, converters) -> str | None:
         if group is None or not group[1:].isdigit():
             return None
         pattern = t.source_patterns[int(group[1:])]
-        if re.fullmatch(r"[\w.*]+", pattern) and not re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), m.group(group)):
+        strict = _strict_regex(pattern)
+        if strict is not None and not strict.fullmatch(m.group(group)):
             return pattern
         if i >= len(renamings):
             return None  # at most one converter applies
         k = t.rename_source_key(k)[0]
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _strict_regex(pattern: str) -> re.Pattern | None:
+    """'mlp.experts.*.w1.weight' -> the regex of that name read literally ('*': any text); None if not a plain name."""
+    if not re.fullmatch(r"[\w.*]+", pattern):
+        return None
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
 
 
 def _expert_regex(pattern: str) -> re.Pattern | None:
@@ -256,7 +412,8 @@ def _expert_members(conv, target: str, members: list[tuple[str, str]], ckpt: Che
         if idx in found[pattern]:
             raise CheckpointError(f"{ckpt.tensors[key].file}: tensors '{found[pattern][idx]}' and '{key}' are both expert {idx} of '{target}'")
         found[pattern][idx] = key
-        prefixes.setdefault(pattern, name[: m.start()])
+        if pattern not in prefixes:
+            prefixes[pattern] = name[: m.start()]
     n = 1 + max((max(d) for d in found.values() if d), default=-1)
     any_prefix = next(iter(prefixes.values()), "")
     for pattern, have in found.items():
@@ -281,10 +438,12 @@ def _probe_converter(model, conv, layer_name, members, infos, meta, cache: dict 
     plan) keeps it: the first layer is probed, the other layers reuse its runs with their own keys.
     """
     keys = [key for _, key in members]
-    for _, key in members:
-        if len(infos[key].shape) not in (1, 2):
-            raise UnsupportedModelError(f"{infos[key].file}: tensor '{key}' ({len(infos[key].shape)}-D) feeds a fused parameter; only 1-D/2-D sources can be streamed")
-    signature = (id(conv), tuple((pattern, infos[key].shape) for pattern, key in members))
+    shapes = [infos[key].shape for key in keys]
+    for key, src_shape in zip(keys, shapes):
+        if len(src_shape) not in (1, 2):
+            raise UnsupportedModelError(f"{infos[key].file}: tensor '{key}' ({len(src_shape)}-D) feeds a fused parameter; only 1-D/2-D sources can be streamed")
+    signature = (id(conv), tuple(zip([pattern for pattern, _ in members], shapes)))
+    widths = {src_shape[-1] for src_shape in shapes if len(src_shape) == 2}
     runs = cache.get(signature) if cache is not None else None
     if runs is None:
         runs = _probe_runs(model, conv, layer_name, members, infos)
@@ -299,7 +458,6 @@ def _probe_converter(model, conv, layer_name, members, infos, meta, cache: dict 
         if name not in meta:
             raise CheckpointError(f"{infos[members[0][1]].file}: tensors like '{members[0][1]}' convert to '{name}', which the model does not have")
         shape = tuple(meta[name].shape)
-        widths = {infos[k].shape[-1] for k in keys if len(infos[k].shape) == 2}
         two_d = len(widths) > 0
         if two_d and (widths != {shape[-1]} or probe_shape != shape[:-1] + (1,)):
             if len(probe_shape) >= 2 and probe_shape[-1] != 1:
