@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--read-threads", type=int, default=None)
     ap.add_argument("--prefetch-buffers", type=int, default=None)
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for a trial")
+    ap.add_argument("--part-mib", type=float, default=None, help="read-ahead part size for a trial (pipeline.PART_BYTES)")
     ap.add_argument("--device", default="cuda", help="cpu: smoke test (no read-ahead pool on the CPU)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
+    if args.part_mib:
+        P.Prefetcher.__init__.__defaults__ = (8, True, int(args.part_mib * 2**20))  # buffers, pinned, part_size
     if cuda:
         torch.empty(1, device="cuda")
     instrument()

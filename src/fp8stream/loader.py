@@ -9,6 +9,8 @@ whatever the model size or the largest tensor.
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import math
@@ -40,10 +42,11 @@ DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
 # bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the row amax comes from aminmax
 # in the source dtype), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
 # abs() in bf16 + three bool masks).
-_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3, "rows_fused": 0}
-# rows_fused: per-channel rows quantized by one Triton kernel straight into the final storage (CUDA):
-# no temporary at all, so chunks can be ~2x larger and there are half as many (the loader thread's Python
-# per chunk, not the reads, set the pace: bench/trace_load.py).
+_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3, "rows_fused": 2}
+# rows_fused: per-channel rows quantized by one Triton kernel straight into the final storage (CUDA): no
+# temporary, so chunks are larger and fewer (the loader thread's Python per chunk, not the reads, sets the
+# pace: bench/trace_load.py). Its 2 bytes are one more bf16 source chunk: measured on the H100, the
+# allocator's peak held ~2.7 source chunks at once (peak - final 257 MiB with 0 budgeted here).
 # Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
 # torch.cuda.max_memory_allocated counts and the report's tensor bytes do not (27 MiB on Qwen1.5-MoE).
 _ROUNDING_MARGIN = 2
@@ -569,6 +572,23 @@ def _load_prequantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedge
     t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
 
 
+def _without_gc(fn):
+    """Run fn with the cyclic garbage collector paused: a full collection walks every Python object (about
+    0.2 s once a 19k-tensor checkpoint's headers and plan exist) and lands at random inside the load; a
+    load makes no cyclic garbage that must go before it returns."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+    return wrapped
+
+
+@_without_gc
 def load(
     path: str | Path,
     device: str | torch.device = "cuda",
