@@ -51,6 +51,21 @@ def _wrap(owner, name, kind, nbytes_of=None):
     setattr(owner, name, wrapped)
 
 
+PEAKS: list[tuple] = []  # (target, kind, chunk rows, max_memory_allocated after it - before the load)
+
+
+def _wrap_peak(name):
+    orig = getattr(L, name)
+
+    def wrapped(t, c, *args, **kwargs):
+        out = orig(t, c, *args, **kwargs)
+        torch.cuda.synchronize()
+        PEAKS.append((t.name, getattr(c, "kind", name), c.step, torch.cuda.max_memory_allocated()))
+        return out
+
+    setattr(L, name, wrapped)
+
+
 def instrument() -> None:
     _wrap(Checkpoint, "_pread", "read", lambda a: len(a[3]))
     _wrap(P.Prefetcher, "take", "take")
@@ -98,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for a trial")
     ap.add_argument("--part-mib", type=float, default=None, help="read-ahead part size for a trial (pipeline.PART_BYTES)")
     ap.add_argument("--device", default="cuda", help="cpu: smoke test (no read-ahead pool on the CPU)")
+    ap.add_argument("--peak-trace", action="store_true", help="sync after every parameter; print where the device peak rises")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     cuda = args.device != "cpu"
@@ -112,13 +128,18 @@ def main(argv=None) -> int:
     if cuda:
         torch.empty(1, device="cuda")
     instrument()
+    if args.peak_trace:
+        _wrap_peak("_load_quantized")
+        _wrap_peak("_load_kept")
     kw = {k: v for k, v in (("read_threads", args.read_threads), ("prefetch_buffers", args.prefetch_buffers)) if v}
     threads = args.read_threads or fp8stream.checkpoint.DEFAULT_READ_THREADS
     results = []
     for i in range(args.loads):
         EVENTS.clear()
+        PEAKS.clear()
         if cuda:
             torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         model = fp8stream.load(args.ckpt, device=args.device, scheme=args.scheme, progress=False, **kw)
         if cuda:
@@ -128,6 +149,13 @@ def main(argv=None) -> int:
                "peak_minus_final_MiB": round((model.fp8stream_report.peak_bytes - model.fp8stream_report.final_bytes) / 2**20, 1)}
         print(json.dumps(rec), flush=True)
         results.append(rec)
+        if PEAKS:
+            last = 0
+            for name, kind, step, peak in PEAKS:
+                if peak > last:
+                    print(f"  peak {(peak - base) / 2**20:9.1f} MiB after {name} ({kind}, {step} rows per chunk)")
+                    last = peak
+            print(f"  final (report) {model.fp8stream_report.final_bytes / 2**20:.1f} MiB")
         del model
         if cuda:
             torch.cuda.empty_cache()

@@ -42,11 +42,13 @@ DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
 # bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the row amax comes from aminmax
 # in the source dtype), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
 # abs() in bf16 + three bool masks).
-_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3, "rows_fused": 2}
+_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3 + 2, "rows_fused": 2}
 # rows_fused: per-channel rows quantized by one Triton kernel straight into the final storage (CUDA): no
 # temporary, so chunks are larger and fewer (the loader thread's Python per chunk, not the reads, sets the
 # pace: bench/trace_load.py). Its 2 bytes are one more bf16 source chunk: measured on the H100, the
-# allocator's peak held ~2.7 source chunks at once (peak - final 257 MiB with 0 budgeted here).
+# allocator's peak held ~2.7 source chunks at once (peak - final 257 MiB with 0 budgeted here). Kept
+# chunks budget the same extra source chunk: with the device otherwise idle (fused rows), the output
+# embedding's chunks peaked at 257 MiB over final with 5 (bench/trace_load.py --peak-trace).
 # Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
 # torch.cuda.max_memory_allocated counts and the report's tensor bytes do not (27 MiB on Qwen1.5-MoE).
 _ROUNDING_MARGIN = 2
@@ -330,7 +332,7 @@ def _kept_chunks(t: _Target, src: _Source, staging: int) -> _Chunks:
     width = shape[-1] if len(shape) >= 2 else None
     flat = math.prod(shape[:-1]) if width else (shape[0] if shape else 1)
     step = _rows_per_chunk(width or 1, src.itemsize(t.plan), staging, 1, t.name, _stage_extra("kept", src.itemsize(t.plan), src.device))
-    return _Chunks(step, [], list(_chunks(flat, flat, step, per_slice=False)))
+    return _Chunks(step, [], list(_chunks(flat, flat, step, per_slice=False)), "kept")
 
 
 def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[Request | None]:

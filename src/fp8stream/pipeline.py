@@ -19,9 +19,11 @@ from .checkpoint import Checkpoint
 
 Reads = tuple[tuple[str, int, int], ...]  # (checkpoint key, first flat row, end flat row)
 # Read-ahead part size: large enough that the Python work per part (which holds the GIL) is small next
-# to the copy, small enough that the reader threads share every item (8 MiB: 34 GB/s from the page
-# cache with 16 threads on the H100 host, 2 MiB: 22 GB/s; bench/profile_load.py).
-PART_BYTES = 8 << 20
+# to the copy, small enough that the reader threads share every item (raw reads from the page cache on
+# the H100 host, 16 threads: 2 MiB parts 22 GB/s, 8 MiB 34 GB/s, bench/profile_load.py; whole loads with
+# 12 threads: 16 MiB parts streamed fastest, the loader thread then waits less for the GIL,
+# bench/trace_load.py).
+PART_BYTES = 16 << 20
 # Page cache read-ahead requested (posix_fadvise WILLNEED) beyond the item being dispatched: file pages,
 # not process memory (RssAnon is unaffected), and evictable.
 ADVISE_BYTES = 1 << 30
