@@ -10,9 +10,6 @@ quant_rows_kernel    one program per row: amax over the row (or a given amax), s
                      per-row factor (routing weight), which only the GEMM's output scaling sees.
 quant_groups_kernel  the same for 1x128 groups along K (fp8_per_block activations); scale strides are
                      free, so the column-major [M, K/128] layout blockwise cuBLAS wants is written directly.
-quant_weight_rows_kernel  the loader's per-channel weight quantization in one launch, bit-exact with
-                     quantize.quantize_rows (IEEE division, round-to-nearest fp8) and writing straight
-                     into the final storage; a row holding NaN / Inf gets a NaN scale (the loader's check).
 fp8_gemm_kernel      C = (A * sa) @ (B * sb)^T (+ bias): dense or grouped (rows sorted by group, B [E, N, K]),
                      rowwise scales applied in the epilogue or 1x128 x 128x128 block scales applied per K block.
 fp8_gemv_kernel      small M (decode): C = X @ (B * sb)^T (+ bias) with X as it comes (W8A16: no activation
@@ -94,32 +91,6 @@ def quant_groups_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, K, G, stride_xm, stride_qm
     q = tl.minimum(tl.maximum(v / scale[:, None], -_FP8_MAX), _FP8_MAX)
     tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row.to(tl.int64) * s_stride_m + g * s_stride_g, scale, mask=g < G)
-
-
-@triton.jit
-def quant_weight_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    poison = tl.zeros([BLOCK_K], dtype=tl.float32)  # becomes NaN if any element is NaN or +-Inf
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + cols
-        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(v))
-        poison += v * 0.0
-    amax = tl.max(acc, axis=0)
-    bad = tl.sum(poison, axis=0)
-    scale = tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _TINY)
-    scale = tl.where(bad == bad, scale, bad)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + cols
-        mask = offs < K
-        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_FP8_MAX), _FP8_MAX)
-        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row, scale)
 
 
 @triton.jit

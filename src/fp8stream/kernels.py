@@ -333,48 +333,6 @@ def quant_triton(x: torch.Tensor, mode: str, *, idx: torch.Tensor | None = None,
     return q, s
 
 
-_WEIGHT_ROWS_OK: dict[int, bool] = {}
-
-
-def weight_rows_kernel_ok(device: torch.device) -> bool:
-    """Whether quantize_weight_rows_into may be used on this device: CUDA, Triton, not
-    FP8STREAM_KERNELS=reference, and a self-test (once per device) bit-exact with quantize_rows on the CPU."""
-    if device.type != "cuda" or os.environ.get("FP8STREAM_KERNELS", "") == "reference" or triton_kernels() is None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _WEIGHT_ROWS_OK:
-        from .quantize import quantize_rows
-
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = (torch.randn(5, 1500, generator=g) * torch.rand(5, 1, generator=g) * 100).to(torch.bfloat16).to(device)
-            x[1] = 0
-            q, s = torch.empty(5, 1500, dtype=FP8_DTYPE, device=device), torch.empty(5, device=device)
-            _launch_weight_rows(x, q, s)
-            # against the CPU: torch on CUDA divides by a Python scalar as a multiply by its reciprocal,
-            # so its own quantize_rows can differ in a scale's last bit; the kernel divides exactly
-            qr, sr = quantize_rows(x.cpu())
-            _WEIGHT_ROWS_OK[index] = bool(torch.equal(s.cpu(), sr) and torch.equal(q.cpu().view(torch.uint8), qr.view(torch.uint8)))
-        except Exception:  # noqa: BLE001 - a kernel that does not build here: the torch path remains
-            _WEIGHT_ROWS_OK[index] = False
-    return _WEIGHT_ROWS_OK[index]
-
-
-def _launch_weight_rows(x, q_out, s_out) -> None:
-    rows, k = x.shape
-    if rows:  # one BLOCK_K for every width: one compiled kernel per source dtype
-        triton_kernels().quant_weight_rows_kernel[(rows,)](x, q_out, s_out, k, x.stride(0), q_out.stride(0),
-                                                           BLOCK_K=1024, num_warps=4)
-
-
-def quantize_weight_rows_into(x: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor) -> None:
-    """quantize.quantize_rows(x) as the CPU computes it, written into q_out [rows, K] (fp8) and s_out [rows]
-    (float32) in one Triton launch, bit-exact (check weight_rows_kernel_ok first). x, q_out: row-major rows; s_out contiguous."""
-    if x.stride(-1) != 1 or q_out.stride(-1) != 1 or not s_out.is_contiguous() or x.shape != q_out.shape:
-        raise ValueError("quantize_weight_rows_into: row-major [rows, K] tensors of one shape expected")
-    _launch_weight_rows(x, q_out, s_out)
-
-
 _SMS: dict[int, int] = {}
 
 

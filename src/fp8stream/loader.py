@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
-from . import kernels
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
@@ -42,13 +41,7 @@ DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
 # bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the row amax comes from aminmax
 # in the source dtype), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
 # abs() in bf16 + three bool masks).
-_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3 + 2, "rows_fused": 2}
-# rows_fused: per-channel rows quantized by one Triton kernel straight into the final storage (CUDA): no
-# temporary, so chunks are larger and fewer (the loader thread's Python per chunk, not the reads, sets the
-# pace: bench/trace_load.py). Its 2 bytes are one more bf16 source chunk: measured on the H100, the
-# allocator's peak held ~2.7 source chunks at once (peak - final 257 MiB with 0 budgeted here). Kept
-# chunks budget the same extra source chunk: with the device otherwise idle (fused rows), the output
-# embedding's chunks peaked at 257 MiB over final with 5 (bench/trace_load.py --peak-trace).
+_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3}
 # Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
 # torch.cuda.max_memory_allocated counts and the report's tensor bytes do not (27 MiB on Qwen1.5-MoE).
 _ROUNDING_MARGIN = 2
@@ -296,21 +289,15 @@ class _Chunks:
     kind: str = "rows"  # staging kind (_STAGE_BYTES_PER_ELEM)
 
 
-def _quant_kind(t: _Target, src: _Source, scheme: str) -> str:
-    if scheme == "fp8_per_block":
-        return "blocks"
-    dtypes = {src.dtype} if t.plan is None else {src.ckpt.tensors[k].dtype for k in t.plan.sources}
-    if (scheme == "fp8_per_channel" and (t.plan is None or t.plan.cols is None)
-            and dtypes <= {torch.bfloat16, torch.float16, torch.float32} and kernels.weight_rows_kernel_ok(src.device)):
-        return "rows_fused"  # (a column shard's row amax needs the other ranks': the torch path all_reduces it)
-    return "rows"
+def _quant_kind(scheme: str) -> str:
+    return "blocks" if scheme == "fp8_per_block" else "rows"
 
 
 def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _Chunks:
     shape = tuple(t.module._parameters[t.attr].shape)
     n, k = shape[-2], shape[-1]
     block = scheme == "fp8_per_block"
-    kind = _quant_kind(t, src, scheme)
+    kind = _quant_kind(scheme)
     step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name,
                            _stage_extra(kind, src.itemsize(t.plan), src.device))
     if block:
@@ -369,11 +356,6 @@ def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, 
         staged = (d1 - d0) * k * (itemsize + _stage_extra(c.kind, itemsize, device))
         ledger.stage(staged)
         x = src.rows(t.plan, d0, d1, k, t.name)
-        if c.kind == "rows_fused":
-            kernels.quantize_weight_rows_into(x.view(d1 - d0, k), w_flat[d0:d1], s.view(-1)[d0:d1])
-            del x
-            ledger.unstage(staged)
-            continue
         if block:
             q, bs = quantize_blocks(x)
             lead, r0 = divmod(d0, n)
