@@ -320,3 +320,30 @@ def test_sensitive_modules_are_the_first_and_last_layer_only():
     layers = {int(n.split(".")[2]) for n in names}
     assert layers == {0, 4}
     assert any(n.endswith("mlp.experts") for n in names) and any(n.endswith("self_attn.q_proj") for n in names)
+
+
+def test_load_pauses_the_garbage_collector_and_restores_it(tmp_path, monkeypatch):
+    """The cyclic GC is off during a load (a collection would land at random inside it) and back to the
+    caller's setting afterwards: on success, on a failed load, and when the caller had it off."""
+    import gc
+
+    from tiny_models import make_config
+
+    import fp8stream.loader as loader_mod
+
+    make_config("llama").save_pretrained(tmp_path)
+    seen = []
+    real = loader_mod.build_meta_model
+    monkeypatch.setattr(loader_mod, "build_meta_model", lambda *a, **k: (seen.append(gc.isenabled()), real(*a, **k))[1])
+    assert gc.isenabled()
+    fp8stream.load(tmp_path, device="cpu", load_format="dummy", progress=False)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(fp8stream.Fp8StreamError):
+        fp8stream.load(tmp_path / "missing", device="cpu", progress=False)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        fp8stream.load(tmp_path, device="cpu", load_format="dummy", progress=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
