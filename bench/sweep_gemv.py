@@ -60,15 +60,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configs and shapes")
     ap.add_argument("--schemes", default="fp8_per_channel,fp8_per_block")
-    ap.add_argument("--kernels", default="gemv", help="gemv: kernels.gemv (W8A16)")
-    ap.add_argument("--ms", default="1,8,16,32")
+    ap.add_argument("--kernels", default="gemv,gemv1", help="gemv: kernels.gemv (W8A16, tensor cores, M <= 16); gemv1: the one-row kernel (M = 1 only)")
+    ap.add_argument("--ms", default="1,8,16")
+    ap.add_argument("--no-grid", action="store_true", help="default tiles only (no search)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     dev = torch.device("cuda")
     caps = K.caps(dev)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} caps {caps}", flush=True)
     hbm = 4.8e6 if "H200" in torch.cuda.get_device_name() else 3.35e6  # bytes per microsecond
-    launch = {"gemv": K._launch_gemv}
+    launch = {"gemv": K._launch_gemv, "gemv1": K._launch_gemv1}
+    grid1 = list(itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3]))  # gemv1: BN, BK, warps, stages
     kernels = args.kernels.split(",")
     ms = [int(v) for v in args.ms.split(",")]
     grid = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 5]))
@@ -94,12 +96,16 @@ def main(argv=None) -> int:
                     rec["two_kernel_us"] = time_graph([lambda q=q, s=s: K.linear_fast(x, q, s, None, scheme, two, decode_rule=False)
                                                        for q, s in ws])
                 rec["gemv_default_config"] = K._gemv_config(n, scheme == "fp8_per_block")
+                rec["gemv1_default_config"] = K._gemv1_config(n, k)
+                rec["entry_us"] = time_graph([lambda q=q, s=s: K.gemv(x, q, s, None, scheme) for q, s in ws])  # what FP8Linear runs
                 ref = K.reference_linear(x, *ws[0], None, scheme).float()
                 for kern in kernels:
+                    if kern == "gemv1" and m != 1:
+                        continue
                     fn = launch[kern]
                     rec[f"{kern}_default_us"] = time_graph([lambda q=q, s=s: fn(x, q, s, None, scheme) for q, s in ws])
                     best = None
-                    for cfg in grid:
+                    for cfg in [] if args.no_grid else (grid1 if kern == "gemv1" else grid):
                         bn, bk, warps, stages = cfg
                         if scheme == "fp8_per_block" and bk != 128:
                             continue
@@ -123,13 +129,13 @@ def main(argv=None) -> int:
                 rows.append(rec)
     print(f"\nsweep took {time.perf_counter() - t_start:.0f} s\n")
     head = " | ".join(f"{kk} default | {kk} best (BN,BK,warps,stages)" for kk in kernels)
-    print(f"| scheme | N x K | M | bf16 | bare _scaled_mm | quant + _scaled_mm | {head} | HBM floor |")
-    print("|---|---|---|---|---|---|" + "---|---|" * len(kernels) + "---|")
+    print(f"| scheme | N x K | M | bf16 | bare _scaled_mm | quant + _scaled_mm | kernels.gemv (FP8Linear) | {head} | HBM floor |")
+    print("|---|---|---|---|---|---|---|" + "---|---|" * len(kernels) + "---|")
     for r in rows:
         f = lambda v: f"{v:.1f}" if isinstance(v, float) else "-"  # noqa: E731
         cells = " | ".join(f"{f(r.get(f'{kk}_default_us'))} | {f(r.get(f'{kk}_best_us'))} {tuple(r.get(f'{kk}_best_config') or ())}" for kk in kernels)
         print(f"| {r['scheme']} | {r['n']}x{r['k']} | {r['m']} | {f(r['bf16_us'])} | {f(r.get('bare_scaled_mm_us'))} | "
-              f"{f(r.get('two_kernel_us'))} | {cells} | {r['floor_us']:.1f} |")
+              f"{f(r.get('two_kernel_us'))} | {f(r.get('entry_us'))} | {cells} | {r['floor_us']:.1f} |")
     return 0
 
 

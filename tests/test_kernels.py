@@ -231,8 +231,14 @@ def test_triton_gemm_in_interpreter(scheme):
 @pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_triton_gemv_in_interpreter(scheme):
-    """The decode kernel (W8A16) computes x @ dequantize(w)^T + bias: M padded to 16 and 32, N and K not
-    multiples of the tiles (nor of 128), fp16 and fp32 activations (the interpreter cannot multiply bf16)."""
+    """The decode kernels (W8A16) compute x @ dequantize(w)^T + bias: one row (CUDA-core kernel, every tile
+    config the sweep tries), M padded to 16 and 32 (tensor-core kernel), N and K not multiples of the tiles
+    (nor of 128), fp16 and fp32 activations (the interpreter cannot multiply bf16)."""
+    q, s = _quantize_weight(torch.randn(144, 1008), scheme)
+    x, bias = torch.randn(1, 1008), torch.randn(144)
+    ref = x.double() @ dequantize(q, s, scheme).double().t() + bias.double()
+    for cfg in ((4, 256, 4, 2), (8, 1024, 8, 3), (32, 512, 4, 3)):
+        assert _rel(K._launch_gemv1(x, q, s, bias, scheme, cfg), ref) < 1e-6, cfg
     for m, n, k in ((1, 208, 384), (3, 256, 304), (16, 144, 1008), (17, 144, 1008)):
         q, s = _quantize_weight(torch.randn(n, k) * (1 + 3 * torch.rand(n, 1)), scheme)
         for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):

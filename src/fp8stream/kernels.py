@@ -15,7 +15,8 @@ not quantized: y = x @ (q_w * s_w)^T), only faster:
                            folded into the down GEMM's row scales, combine by index_copy + sum        per-expert loop
   MoE per-block            the same with the Triton grouped blockwise GEMM
   Linear, <= GEMV_MAX_M    (decode) no activation quantization: the Triton GEMM widens the FP8 weight    dequantize + matmul
-  rows (16)                in registers (W8A16), one kernel; a custom op under compile
+  rows (16)                in registers (W8A16), one kernel (one row: CUDA cores; more: tensor cores);
+                           a custom op under compile
 
 Capabilities are probed once per device (tiny self-tests against the reference, cached); the probe is
 marked as a constant for dynamo, so compiling a model before any eager call still picks the fast
@@ -443,10 +444,36 @@ def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, 
     return out
 
 
+def _gemv1_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """BN, BK, num_warps, num_stages: near the fastest of 48 configs per shape in bench/sweep_gemv.py (H100,
+    M = 1, L2-cold weights): 1.2-2x faster than the tensor-core kernel on the Llama-8B / Qwen1.5-MoE shapes."""
+    return (8 if n >= 4096 and k <= 4096 else 4), (1024 if k >= 4096 else 512), 4, 3
+
+
+def _launch_gemv1(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Batch-1 decode: x [1, K] (a contiguous row)."""
+    tk = triton_kernels()
+    n, k = w.shape
+    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    blockwise = scheme == "fp8_per_block"
+    bn, bk, warps, stages = config or _gemv1_config(n, k)
+    ws = w_scale if blockwise else w_scale.view(-1, 1)
+    tk.fp8_gemv1_kernel[(-(-n // bn),)](
+        x, w, ws, bias if bias is not None else out, out, n, k, w.stride(0), ws.stride(0), ws.stride(1),
+        BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _gemv_any(x, w, w_scale, bias, scheme: str) -> torch.Tensor:
+    if x.shape[0] == 1:
+        return _launch_gemv1(x, w, w_scale, bias, scheme)
+    return _launch_gemv(x, w, w_scale, bias, scheme)
+
+
 @torch.library.custom_op("fp8stream::fp8_gemv", mutates_args=())
 def _fp8_gemv_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  scheme: str) -> torch.Tensor:
-    return _launch_gemv(x, w, w_scale, bias, scheme)
+    return _gemv_any(x, w, w_scale, bias, scheme)
 
 
 @_fp8_gemv_op.register_fake
@@ -456,12 +483,13 @@ def _(x, w, w_scale, bias, scheme):
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str) -> torch.Tensor:
     """FP8-weight Linear for a few rows in one kernel (W8A16): x [M, K] @ dequantize(w, w_scale)^T (+ bias), in
-    x's dtype. w [N, K] fp8; scales rowwise [N], or blockwise [N/128, K/128]."""
+    x's dtype. w [N, K] fp8; scales rowwise [N], or blockwise [N/128, K/128]. One row: the CUDA-core
+    kernel (small tiles, every SM busy); 2..16 rows: the tensor-core kernel."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if torch.compiler.is_compiling():
         return _fp8_gemv_op(x, w, w_scale, bias, scheme)
-    return _launch_gemv(x, w, w_scale, bias, scheme)
+    return _gemv_any(x, w, w_scale, bias, scheme)
 
 
 def grouped_gemm(a, a_scale, b, b_scale, starts, ends, blockwise: bool, out_dtype, bias=None) -> torch.Tensor:
