@@ -186,7 +186,8 @@ def _probe(index: int) -> Caps:
             x, bias = rnd(3, 384).to(torch.bfloat16), rnd(200).to(torch.bfloat16)
             for scheme in ("fp8_per_channel", "fp8_per_block"):
                 qw, sw = _weight_for_probe(rnd(200, 384), scheme)
-                errs.append(_rel_err(gemv(x, qw, sw, bias, scheme), _w8a16(x, qw, sw, bias, scheme)))
+                for rows in (x[:1], x):  # the one-row and the tensor-core kernel
+                    errs.append(_rel_err(gemv(rows, qw, sw, bias, scheme), _w8a16(rows, qw, sw, bias, scheme)))
             return max(errs)
 
         triton_quant = attempt("triton quant", tquant)
