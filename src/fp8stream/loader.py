@@ -289,15 +289,11 @@ class _Chunks:
     kind: str = "rows"  # staging kind (_STAGE_BYTES_PER_ELEM)
 
 
-def _quant_kind(scheme: str) -> str:
-    return "blocks" if scheme == "fp8_per_block" else "rows"
-
-
 def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _Chunks:
     shape = tuple(t.module._parameters[t.attr].shape)
     n, k = shape[-2], shape[-1]
     block = scheme == "fp8_per_block"
-    kind = _quant_kind(scheme)
+    kind = "blocks" if block else "rows"
     step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name,
                            _stage_extra(kind, src.itemsize(t.plan), src.device))
     if block:
