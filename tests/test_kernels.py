@@ -78,7 +78,9 @@ def _routing(t, k, e, used, device="cpu", dtype=torch.float32):
 
 
 def _experts_ref64(m, x, idx, wts):
-    """float64: per expert, the reference FP8 GEMMs over its tokens (per-tensor activation scale per expert)."""
+    """float64: per expert, the reference FP8 GEMMs over its tokens (per-tensor activation scale per expert);
+    W8A16 when the layer gets at most GEMV_MAX_M tokens (the decode rule), else W8A8."""
+    rule = x.shape[0] <= K.GEMV_MAX_M
     out = torch.zeros(x.shape, dtype=torch.float64)
     x, idx, wts = x.cpu().float(), idx.cpu(), wts.cpu().double()
     gu, gus = m.gate_up_proj.cpu(), m.gate_up_proj_scale.cpu()
@@ -87,9 +89,9 @@ def _experts_ref64(m, x, idx, wts):
         tok, slot = (idx == ex).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        g, u = _ref_linear64(x[tok], gu[ex], gus[ex], None, m.scheme, False).chunk(2, dim=-1)  # experts: W8A8 always
+        g, u = _ref_linear64(x[tok], gu[ex], gus[ex], None, m.scheme, rule).chunk(2, dim=-1)
         a = (m.act_fn(g.float()) * u.float())
-        out.index_add_(0, tok, wts[tok, slot].unsqueeze(1) * _ref_linear64(a, dn[ex], dns[ex], None, m.scheme, False))
+        out.index_add_(0, tok, wts[tok, slot].unsqueeze(1) * _ref_linear64(a, dn[ex], dns[ex], None, m.scheme, rule))
     return out
 
 
@@ -213,8 +215,8 @@ def test_triton_gemm_in_interpreter(scheme):
     """The Triton GEMM (grouped with empty groups, and dense blockwise) on CPU tensors through the interpreter."""
     torch.manual_seed(0)
     m = _experts(5, 128, 64, scheme)
-    x = torch.randn(9, 128)
-    idx, wts = _routing(9, 2, 5, used=3)
+    x = torch.randn(K.GEMV_MAX_M + 5, 128)  # above the decode rule: the grouped W8A8 GEMM
+    idx, wts = _routing(x.shape[0], 2, 5, used=3)
     fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
                           m.act_fn, scheme, K.Caps(triton_gemm=True))
     assert _rel(fast, m.reference_forward(x, idx, wts)) < 1e-5
@@ -226,6 +228,26 @@ def test_triton_gemm_in_interpreter(scheme):
         assert _rel(y, _ref_linear64(xl, q, s, bias, scheme)) < 1e-5
     else:
         assert y is None  # rowwise dense needs torch._scaled_mm
+
+
+@pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_triton_experts_decode_in_interpreter(scheme, act):
+    """MoE decode (W8A16, one gemv row per (token, expert) pair; silu fused into the down kernel, gelu
+    computed between the two) equals the per-expert reference loop, for 1 and 3 tokens (the interpreter runs
+    every program in Python), with experts that get no token and N, K not multiples of the tiles (nor of
+    128 for the block scheme)."""
+    torch.manual_seed(3)
+    m = _experts(6, 144, 144, scheme, act=nn.SiLU() if act == "silu" else nn.GELU())
+    for t in (1, 3):
+        x = torch.randn(t, 144)
+        idx, wts = _routing(t, 2, 6, used=4)
+        fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
+                              m.act_fn, scheme, K.Caps(triton_gemv=True))
+        assert fast.shape == x.shape and fast.dtype == x.dtype
+        assert _rel(fast, _experts_ref64(m, x, idx, wts)) < 1e-5
+        assert _rel(fast, m.reference_forward(x, idx, wts)) < 1e-5
 
 
 @pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
@@ -449,6 +471,11 @@ def test_cuda_experts_fast_matches_reference(scheme, t, act):
         assert out.shape == x.shape and out.dtype == x.dtype, name
         _as_close_as_reference(out, ref, ref64, name)
     _as_close_as_reference(m(x, idx, wts), ref, ref64, "module")  # the module's entry point
+    c = K.caps(torch.device("cuda"))
+    if t <= K.GEMV_MAX_M:  # decode: the W8A16 pair kernels, never the grouped W8A8 GEMMs
+        assert c.triton_gemv
+        assert K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
+                              m.act_fn, scheme, c._replace(triton_gemv=False)) is None
 
 
 @cuda_only

@@ -12,7 +12,9 @@ quant_groups_kernel  the same for 1x128 groups along K (fp8_per_block activation
                      free, so the column-major [M, K/128] layout blockwise cuBLAS wants is written directly.
 fp8_gemm_kernel      C = (A * sa) @ (B * sb)^T (+ bias): dense or grouped (rows sorted by group, B [E, N, K]),
                      rowwise scales applied in the epilogue or 1x128 x 128x128 block scales applied per K block.
-fp8_gemv1_kernel     the same for one row (batch-1 decode) without tensor cores: small BN, more programs.
+fp8_gemv1_kernel     W8A16 for one row (batch-1 decode) without tensor cores: small BN, more programs; with
+                     EXPERTS, one program row per routed (token, expert) pair (MoE decode: the expert's
+                     weight by id, act(gate) * up and the routing weight fused in).
 fp8_gemv_kernel      small M (decode): C = X @ (B * sb)^T (+ bias) with X as it comes (W8A16: no activation
                      quantization) and B's FP8 bytes widened in registers; one kernel per Linear. At a
                      handful of rows the weight bytes are the time; a fused per-token quantization needs
@@ -191,29 +193,41 @@ def fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
-def fp8_gemv1_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K,
-                     stride_wn, stride_ws_n, stride_ws_k,
+def fp8_gemv1_kernel(x_ptr, eid_ptr, rw_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, ROWS_PER_X, I_OFF,
+                     stride_xm, stride_we, stride_wn, stride_ws_e, stride_ws_n, stride_ws_k, stride_om,
+                     EXPERTS: tl.constexpr, ACT: tl.constexpr, HAS_RW: tl.constexpr,
                      BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # One row (batch-1 decode): products accumulated elementwise in float32 and summed once at the end;
-    # no tensor-core tile, so BN can be as small as 4 and small-N weights still spread over every SM.
+    # One row per program row (batch-1 decode): products accumulated elementwise in float32 and summed once
+    # at the end; no tensor-core tile, so BN can be as small as 4 and small-N weights still spread over
+    # every SM. EXPERTS (MoE decode): program row p is one (token, expert) pair: input row p // ROWS_PER_X
+    # (optionally act(gate) * up of it), weight w[eid[p]], output row p times rw[p] (the routing weight).
     pid_n = tl.program_id(0)
+    p = tl.program_id(1).to(tl.int64)
+    if EXPERTS:
+        e = tl.load(eid_ptr + p).to(tl.int64)
+    else:
+        e = p * 0
+    x_row = x_ptr + (p // ROWS_PER_X) * stride_xm
+    ws_base = ws_ptr + e * stride_ws_e
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     mask_n = rn < N
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    w_ptrs = w_ptr + e * stride_we + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         offs = k0 + rk
         kmask = offs < K
-        x = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+        x = _load_act(x_row, offs, kmask, I_OFF, ACT)
         if BLOCKWISE:  # BN divides 128; the K blocks of this tile's columns
-            x = x * tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_ws_n + (offs // 128) * stride_ws_k, mask=kmask, other=0.0)
+            x = x * tl.load(ws_base + ((pid_n * BN) // 128) * stride_ws_n + (offs // 128) * stride_ws_k, mask=kmask, other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         acc += w * x[None, :]
         w_ptrs += BK
     y = tl.sum(acc, axis=1)
     if not BLOCKWISE:
-        y = y * tl.load(ws_ptr + rn * stride_ws_n, mask=mask_n, other=0.0)
+        y = y * tl.load(ws_base + rn * stride_ws_n, mask=mask_n, other=0.0)
+    if HAS_RW:
+        y = y * tl.load(rw_ptr + p).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(out_ptr + p * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)

@@ -1,8 +1,9 @@
 """FP8 forward paths: dynamic activation quantization + FP8 GEMMs, dense (Linear) and grouped (MoE experts).
 
 Every path computes the function the reference defines (quantize.py: scale = max(amax / 448, tiny),
-q = fp8(clamp(x / scale)); y = (q_x * s_x) @ (q_w * s_w)^T; a Linear input of <= GEMV_MAX_M rows is
-not quantized: y = x @ (q_w * s_w)^T), only faster:
+q = fp8(clamp(x / scale)); y = (q_x * s_x) @ (q_w * s_w)^T; a Linear input of <= GEMV_MAX_M rows, and
+the experts of an MoE layer that gets <= GEMV_MAX_M tokens, are not quantized: y = x @ (q_w * s_w)^T),
+only faster:
 
   what                     eager on CUDA                         under torch.compile on CUDA        CPU / fallback
   activation quantization  one Triton kernel (per token, per     plain torch ops (inductor fuses    plain torch ops
@@ -17,6 +18,9 @@ not quantized: y = x @ (q_w * s_w)^T), only faster:
   Linear, <= GEMV_MAX_M    (decode) no activation quantization: the Triton GEMM widens the FP8 weight    dequantize + matmul
   rows (16)                in registers (W8A16), one kernel (one row: CUDA cores; more: tensor cores);
                            a custom op under compile
+  MoE, <= GEMV_MAX_M       (decode) W8A16 too: one CUDA-core gemv row per (token, expert) pair, the      per-expert loop
+  tokens                   expert's weight by id, two kernels (act(gate) * up and routing weight fused
+                           into the second), a custom op under compile
 
 Capabilities are probed once per device (tiny self-tests against the reference, cached); the probe is
 marked as a constant for dynamo, so compiling a model before any eager call still picks the fast
@@ -188,11 +192,18 @@ def _probe(index: int) -> Caps:
                 qw, sw = _weight_for_probe(rnd(200, 384), scheme)
                 for rows in (x[:1], x):  # the one-row and the tensor-core kernel
                     errs.append(_rel_err(gemv(rows, qw, sw, bias, scheme), _w8a16(rows, qw, sw, bias, scheme)))
+                # MoE decode: 3 tokens x 2 experts each over 3 experts (pair p reads token p // 2, expert ids[p])
+                qe = [_weight_for_probe(rnd(128, 384), scheme) for _ in range(3)]
+                ids = torch.tensor([2, 0, 1, 2, 0, 1], device=dev)
+                y = _launch_pairs(x, ids, 2, None, torch.stack([q for q, _ in qe]), torch.stack([s for _, s in qe]),
+                                  scheme, False, torch.float32)
+                ref = torch.cat([_w8a16(x[p // 2 : p // 2 + 1], *qe[int(ids[p])], None, scheme) for p in range(6)])
+                errs.append(_rel_err(y, ref))
             return max(errs)
 
         triton_quant = attempt("triton quant", tquant)
         triton_gemm = attempt("triton gemm", tgemm)
-        triton_gemv = attempt("triton gemv (W8A16)", tgemv)
+        triton_gemv = attempt("triton gemv (W8A16, Linear and MoE experts)", tgemv)
     return Caps(scaled_mm=scaled_mm, grouped=grouped_ok, blockwise=blockwise_ok, triton_quant=triton_quant,
                 triton_gemm=triton_gemm, triton_gemv=triton_gemv if tk is not None else False)
 
@@ -459,10 +470,55 @@ def _launch_gemv1(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int,
     blockwise = scheme == "fp8_per_block"
     bn, bk, warps, stages = config or _gemv1_config(n, k)
     ws = w_scale if blockwise else w_scale.view(-1, 1)
-    tk.fp8_gemv1_kernel[(-(-n // bn),)](
-        x, w, ws, bias if bias is not None else out, out, n, k, w.stride(0), ws.stride(0), ws.stride(1),
-        BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    tk.fp8_gemv1_kernel[(-(-n // bn), 1)](
+        x, x, x, w, ws, bias if bias is not None else out, out, n, k, 1, 0,
+        0, 0, w.stride(0), 0, ws.stride(0), ws.stride(1), 0,
+        EXPERTS=False, ACT=False, HAS_RW=False, BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages)
     return out
+
+
+def _launch_pairs(x, expert_ids, rows_per_x: int, routing_weight, w, w_scale, scheme: str, act: bool,
+                  out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """MoE decode (W8A16): out[p] = a(x[p // rows_per_x]) @ dequantize(w[expert_ids[p]])^T (* routing_weight[p]),
+    with a = act(gate) * up of the row's two halves when act, else the row. w [E, N, K] fp8."""
+    tk = triton_kernels()
+    _, n, k = w.shape
+    pairs = expert_ids.shape[0]
+    out = torch.empty(pairs, n, device=x.device, dtype=out_dtype)
+    if pairs == 0:
+        return out
+    blockwise = scheme == "fp8_per_block"
+    bn, bk, warps, stages = config or _gemv1_config(n, k)
+    ws = w_scale if blockwise else w_scale.unsqueeze(-1)
+    tk.fp8_gemv1_kernel[(-(-n // bn), pairs)](
+        x, expert_ids, routing_weight if routing_weight is not None else out, w, ws, out, out, n, k, rows_per_x,
+        k if act else 0, x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0),
+        EXPERTS=True, ACT=act, HAS_RW=routing_weight is not None, BLOCKWISE=blockwise, HAS_BIAS=False, BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+@torch.library.custom_op("fp8stream::fp8_moe_gemv", mutates_args=())
+def _fp8_moe_gemv_op(x: torch.Tensor, expert_ids: torch.Tensor, rows_per_x: int, routing_weight: torch.Tensor | None,
+                     w: torch.Tensor, w_scale: torch.Tensor, scheme: str, act: bool, out_dtype: str) -> torch.Tensor:
+    return _launch_pairs(x, expert_ids, rows_per_x, routing_weight, w, w_scale, scheme, act, _DTYPES[out_dtype])
+
+
+@_fp8_moe_gemv_op.register_fake
+def _(x, expert_ids, rows_per_x, routing_weight, w, w_scale, scheme, act, out_dtype):
+    return x.new_empty(expert_ids.shape[0], w.shape[1], dtype=_DTYPES[out_dtype])
+
+
+def expert_pairs_gemv(x, expert_ids, rows_per_x: int, routing_weight, w, w_scale, scheme: str, act: bool,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """See _launch_pairs; a custom op under torch.compile."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if torch.compiler.is_compiling():
+        return _fp8_moe_gemv_op(x, expert_ids, rows_per_x, routing_weight, w, w_scale, scheme, act,
+                                str(out_dtype).split(".")[-1])
+    return _launch_pairs(x, expert_ids, rows_per_x, routing_weight, w, w_scale, scheme, act, out_dtype)
 
 
 def _gemv_any(x, w, w_scale, bias, scheme: str) -> torch.Tensor:
@@ -599,12 +655,14 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     inter = two_i // 2
     if c.reference or h % 16 or inter % 16:
         return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t, topk = top_k_index.shape
+    if t <= GEMV_MAX_M:  # the decode rule, by the layer's token count
+        return _experts_decode(x, top_k_index, top_k_weights, w1, s1, w2, s2, act_fn, scheme, c)
     block = scheme == "fp8_per_block"
     if not (c.triton_gemm or c.torch_grouped or (c.grouped and not block)):
         return None
-    t, topk = top_k_index.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     ids = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(ids)
     token_of = torch.div(perm, topk, rounding_mode="floor")
@@ -668,6 +726,39 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     # --- back to (token, slot) order, sum the k slots in float32
     unsorted = torch.empty_like(y).index_copy_(0, perm, y)
     return unsorted.view(t, topk, h).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def _experts_decode(x, top_k_index, top_k_weights, w1, s1, w2, s2, act_fn, scheme: str, c: Caps) -> torch.Tensor | None:
+    """W8A16 experts for a few tokens: no sort and no activation quantization; each (token, expert) pair is one
+    row of a gemv over its expert's weight (Triton on CUDA: two kernels, act(gate) * up and the routing
+    weight fused into the second), then the k pairs of each token are summed in float32."""
+    t, topk = top_k_index.shape
+    inter, h = w1.shape[1] // 2, w1.shape[2]
+    ids = top_k_index.reshape(-1)
+    rw = top_k_weights.reshape(-1).contiguous()
+    out_dtype = x.dtype if x.dtype in _DTYPES.values() else torch.bfloat16
+    if c.triton_gemv:
+        gate_up = expert_pairs_gemv(x, ids, topk, None, w1, s1, scheme, False, out_dtype)
+        if _is_silu(act_fn):
+            y = expert_pairs_gemv(gate_up, ids, 1, rw, w2, s2, scheme, True, torch.float32)
+        else:
+            y = expert_pairs_gemv(_act_mul(gate_up, act_fn, inter), ids, 1, rw, w2, s2, scheme, False, torch.float32)
+    elif c.torch_grouped:
+        token_of = torch.arange(t * topk, device=x.device) // topk
+        gate_up = _pairs_torch(x.float()[token_of], ids, w1, s1, scheme).to(out_dtype)
+        y = _pairs_torch(_act_mul(gate_up, act_fn, inter).float(), ids, w2, s2, scheme) * rw.float().unsqueeze(-1)
+    else:
+        return None
+    return y.view(t, topk, h).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def _pairs_torch(a: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Row p of a [P, K] float32 times dequantize(w[ids[p]])^T: a static masked loop over the experts (CPU under
+    compile, tests)."""
+    out = a.new_zeros(a.shape[0], w.shape[-2])
+    for g in range(w.shape[0]):
+        out = out + torch.where((ids == g).unsqueeze(-1), a @ dequantize(w[g], ws[g], scheme).t(), 0.0)
+    return out
 
 
 def _grouped(q, s, w, ws, starts, ends, blockwise: bool, c: Caps, out_dtype):

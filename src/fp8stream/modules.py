@@ -121,13 +121,16 @@ class FP8Experts(nn.Module):
         token_of = order // top_k_index.shape[-1]
         weight_of = top_k_weights.reshape(-1)[order]
         start = sum(counts[:first])
+        # The decode rule by the layer's token count: every expert then gets <= GEMV_MAX_M rows, which the
+        # Linear rule leaves unquantized (W8A16); above it, experts are W8A8 whatever their own row count.
+        decode = hidden_states.shape[0] <= kernels.GEMV_MAX_M
         for e, count in enumerate(counts[first : first + self.num_experts]):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
             x = hidden_states[tokens]
-            gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme, False).chunk(2, dim=-1)
-            y = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale[e], None, self.scheme, False)
+            gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme, decode).chunk(2, dim=-1)
+            y = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale[e], None, self.scheme, decode)
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
             start += count
         return out
