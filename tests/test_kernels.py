@@ -159,6 +159,25 @@ def test_grouped_experts_logic_matches_loop(scheme, t, act):
     assert _rel(fast, _experts_ref64(m, x, idx, wts)) < 1e-5
 
 
+def test_caps_are_a_compile_time_constant_without_importing_dynamo():
+    """kernels marks the capability probe the way torch.compiler.assume_constant_result does, without
+    importing torch._dynamo (1.5 s of `import fp8stream`): the official decorator must set exactly that."""
+    import subprocess
+    import sys
+
+    code = "import sys, fp8stream; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+    def probe(index):
+        return (index,)
+
+    torch.compiler.assume_constant_result(probe)
+    marks = {k: v for k, v in vars(probe).items()}
+    assert marks == {K._CONSTANT_MARK: True}
+    assert getattr(K._caps_tuple, K._CONSTANT_MARK) is True
+
+
 def test_group_bounds_with_empty_groups():
     ids = torch.tensor([0, 0, 2, 2, 2, 5])
     starts, ends = K._group_bounds(ids, 7)

@@ -217,13 +217,16 @@ def _probe_cached(index: int) -> Caps:
     return caps
 
 
-_assume_constant = getattr(torch.compiler, "assume_constant_result", None) or torch._dynamo.assume_constant_result
-
-
-@_assume_constant
 def _caps_tuple(index: int) -> tuple:
     # Run (once) at trace time under torch.compile and treated as a constant: no graph break, no guard on tensors.
     return tuple(_probe_cached(index))
+
+
+# torch.compiler.assume_constant_result(_caps_tuple), without its import of torch._dynamo (1.5 s, most of
+# `import fp8stream`; a load never compiles). The decorator only sets this attribute (torch 2.1-2.13);
+# tests/test_kernels.py checks that the official decorator still sets exactly that.
+_CONSTANT_MARK = "_dynamo_marked_constant"
+setattr(_caps_tuple, _CONSTANT_MARK, True)
 
 
 def caps(device: torch.device) -> Caps:
