@@ -7,7 +7,7 @@ expert shapes and T tokens, times one FP8Experts forward in a replayed CUDA grap
 8 layer copies with their own random routing so that L2 does not hold the routed experts' weights: the
 decode path (kernels._experts_decode: two gemv kernels over (token, expert) pairs), the same with every
 tile config of the grid for each of its two kernels, and the grouped W8A8 path the experts take above
-GEMV_MAX_M tokens (sort, quantize, torch._scaled_grouped_mm twice, combine). One JSON line per point.
+MOE_GEMV_MAX_T tokens (sort, quantize, torch._scaled_grouped_mm twice, combine). One JSON line per point.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def main(argv=None) -> int:
                     return [lambda w=w, r=r: run(x, r[0], r[1], *w[:2], *w[2:], act, scheme, caps_) for w, r in zip(layers, routes)]
 
                 rec["decode_us"] = time_graph(fns(caps))
-                gemv_max = K.GEMV_MAX_M
-                K.GEMV_MAX_M = 0  # the grouped W8A8 path at this size
+                gemv_max = K.MOE_GEMV_MAX_T
+                K.MOE_GEMV_MAX_T = 0  # the grouped W8A8 path at this size
                 try:
                     rec["grouped_w8a8_us"] = time_graph(fns(caps))
                 finally:
-                    K.GEMV_MAX_M = gemv_max
+                    K.MOE_GEMV_MAX_T = gemv_max
                 # the two kernels alone, default tiles and the grid
                 ids = [r[0].reshape(-1) for r in routes]
                 rws = [r[1].reshape(-1).contiguous() for r in routes]

@@ -79,8 +79,8 @@ def _routing(t, k, e, used, device="cpu", dtype=torch.float32):
 
 def _experts_ref64(m, x, idx, wts):
     """float64: per expert, the reference FP8 GEMMs over its tokens (per-tensor activation scale per expert);
-    W8A16 when the layer gets at most GEMV_MAX_M tokens (the decode rule), else W8A8."""
-    rule = x.shape[0] <= K.GEMV_MAX_M
+    W8A16 when the layer gets at most MOE_GEMV_MAX_T tokens (the decode rule), else W8A8."""
+    rule = x.shape[0] <= K.MOE_GEMV_MAX_T
     out = torch.zeros(x.shape, dtype=torch.float64)
     x, idx, wts = x.cpu().float(), idx.cpu(), wts.cpu().double()
     gu, gus = m.gate_up_proj.cpu(), m.gate_up_proj_scale.cpu()
@@ -234,7 +234,7 @@ def test_triton_gemm_in_interpreter(scheme):
     """The Triton GEMM (grouped with empty groups, and dense blockwise) on CPU tensors through the interpreter."""
     torch.manual_seed(0)
     m = _experts(5, 128, 64, scheme)
-    x = torch.randn(K.GEMV_MAX_M + 5, 128)  # above the decode rule: the grouped W8A8 GEMM
+    x = torch.randn(K.MOE_GEMV_MAX_T + 5, 128)  # above the decode rule: the grouped W8A8 GEMM
     idx, wts = _routing(x.shape[0], 2, 5, used=3)
     fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
                           m.act_fn, scheme, K.Caps(triton_gemm=True))
@@ -491,7 +491,7 @@ def test_cuda_experts_fast_matches_reference(scheme, t, act):
         _as_close_as_reference(out, ref, ref64, name)
     _as_close_as_reference(m(x, idx, wts), ref, ref64, "module")  # the module's entry point
     c = K.caps(torch.device("cuda"))
-    if t <= K.GEMV_MAX_M:  # decode: the W8A16 pair kernels, never the grouped W8A8 GEMMs
+    if t <= K.MOE_GEMV_MAX_T:  # decode: the W8A16 pair kernels, never the grouped W8A8 GEMMs
         assert c.triton_gemv
         assert K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
                               m.act_fn, scheme, c._replace(triton_gemv=False)) is None

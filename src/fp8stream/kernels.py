@@ -2,7 +2,7 @@
 
 Every path computes the function the reference defines (quantize.py: scale = max(amax / 448, tiny),
 q = fp8(clamp(x / scale)); y = (q_x * s_x) @ (q_w * s_w)^T; a Linear input of <= GEMV_MAX_M rows, and
-the experts of an MoE layer that gets <= GEMV_MAX_M tokens, are not quantized: y = x @ (q_w * s_w)^T),
+the experts of an MoE layer that gets <= MOE_GEMV_MAX_T tokens, are not quantized: y = x @ (q_w * s_w)^T),
 only faster:
 
   what                     eager on CUDA                         under torch.compile on CUDA        CPU / fallback
@@ -18,8 +18,8 @@ only faster:
   Linear, <= GEMV_MAX_M    (decode) no activation quantization: the Triton GEMM widens the FP8 weight    dequantize + matmul
   rows (16)                in registers (W8A16), one kernel (one row: CUDA cores; more: tensor cores);
                            a custom op under compile
-  MoE, <= GEMV_MAX_M       (decode) W8A16 too: one CUDA-core gemv row per (token, expert) pair, the      per-expert loop
-  tokens                   expert's weight by id, two kernels (act(gate) * up and routing weight fused
+  MoE, <= MOE_GEMV_MAX_T   (decode) W8A16 too: one CUDA-core gemv row per (token, expert) pair, the      per-expert loop
+  tokens (8)               expert's weight by id, two kernels (act(gate) * up and routing weight fused
                            into the second), a custom op under compile
 
 Capabilities are probed once per device (tiny self-tests against the reference, cached); the probe is
@@ -64,6 +64,10 @@ _TRITON_MAX_M = int(os.environ.get("FP8STREAM_TRITON_MAX_M", "0") or 0)
 # and cost a kernel (bench/sweep_gemv.py), and the unquantized rows are more accurate.
 # FP8STREAM_GEMV_MAX_M=0: W8A8 at every size.
 GEMV_MAX_M = int(os.environ.get("FP8STREAM_GEMV_MAX_M", "16") or 0)
+# The same rule for MoE experts, by the layer's token count: each (token, expert) pair is one gemv row that
+# reads its expert's weight, so at 16 tokens (64-128 pairs) the grouped W8A8 GEMM, which reads each routed
+# expert once, is faster again; at 1-8 tokens the pair kernels are 1.1-2.7x faster (bench/sweep_experts.py).
+MOE_GEMV_MAX_T = min(GEMV_MAX_M, int(os.environ.get("FP8STREAM_MOE_GEMV_MAX_T", "8") or 0))
 PROBE_LOG: dict[int, dict[str, str]] = {}  # device index -> what each probe said (for reports / debugging)
 _TK = None
 
@@ -481,6 +485,16 @@ def _launch_gemv1(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int,
     return out
 
 
+def _pairs_config(k: int, pairs: int) -> tuple[int, int, int, int]:
+    """BN, BK, num_warps, num_stages of the MoE decode kernel: near the fastest of 36 configs in
+    bench/sweep_experts.py (H100, Qwen1.5-MoE and Qwen3-30B expert shapes, 1-16 tokens)."""
+    if k <= 1024:
+        return 16, 256, 4, 2
+    if k < 2048:
+        return 8, 512, 4, 3
+    return (16 if pairs >= 16 else 4), 512, 4, 3
+
+
 def _launch_pairs(x, expert_ids, rows_per_x: int, routing_weight, w, w_scale, scheme: str, act: bool,
                   out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """MoE decode (W8A16): out[p] = a(x[p // rows_per_x]) @ dequantize(w[expert_ids[p]])^T (* routing_weight[p]),
@@ -492,7 +506,7 @@ def _launch_pairs(x, expert_ids, rows_per_x: int, routing_weight, w, w_scale, sc
     if pairs == 0:
         return out
     blockwise = scheme == "fp8_per_block"
-    bn, bk, warps, stages = config or _gemv1_config(n, k)
+    bn, bk, warps, stages = config or _pairs_config(k, pairs)
     ws = w_scale if blockwise else w_scale.unsqueeze(-1)
     tk.fp8_gemv1_kernel[(-(-n // bn), pairs)](
         x, expert_ids, routing_weight if routing_weight is not None else out, w, ws, out, out, n, k, rows_per_x,
@@ -661,7 +675,7 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     if x.stride(-1) != 1:
         x = x.contiguous()
     t, topk = top_k_index.shape
-    if t <= GEMV_MAX_M:  # the decode rule, by the layer's token count
+    if t <= MOE_GEMV_MAX_T:  # the decode rule, by the layer's token count
         return _experts_decode(x, top_k_index, top_k_weights, w1, s1, w2, s2, act_fn, scheme, c)
     block = scheme == "fp8_per_block"
     if not (c.triton_gemm or c.torch_grouped or (c.grouped and not block)):

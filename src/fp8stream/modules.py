@@ -121,9 +121,9 @@ class FP8Experts(nn.Module):
         token_of = order // top_k_index.shape[-1]
         weight_of = top_k_weights.reshape(-1)[order]
         start = sum(counts[:first])
-        # The decode rule by the layer's token count: every expert then gets <= GEMV_MAX_M rows, which the
-        # Linear rule leaves unquantized (W8A16); above it, experts are W8A8 whatever their own row count.
-        decode = hidden_states.shape[0] <= kernels.GEMV_MAX_M
+        # The decode rule by the layer's token count: every expert then gets <= MOE_GEMV_MAX_T <= GEMV_MAX_M
+        # rows, which the Linear rule leaves unquantized (W8A16); above it, experts are W8A8 at any row count.
+        decode = hidden_states.shape[0] <= kernels.MOE_GEMV_MAX_T
         for e, count in enumerate(counts[first : first + self.num_experts]):
             if count == 0:
                 continue
