@@ -470,3 +470,18 @@ def test_host_anon_memory_stays_flat_with_reader_processes(tmp_path):
     ckpt.close()
     assert peak < 16 << 20, peak  # interpreter slack only: the 2 MiB pool is not anonymous memory, 96 MiB never
     assert (1 << 20) <= shm_peak <= (2 << 20) + (1 << 20), shm_peak  # the pool, as shared memory
+
+
+def test_cli_read_procs_reaches_load_and_the_report(tmp_path, monkeypatch, capsys):
+    """`--read-procs N` is load(read_procs=N); omitted, load() decides ($FP8STREAM_READ_PROCS, else 0).
+    The JSON report says how many reader processes read (0 here: the CPU path reads synchronously)."""
+    from fp8stream.cli import main
+
+    path, _ = make_checkpoint("llama", tmp_path / "m")
+    seen = []
+    real = loader.load
+    monkeypatch.setattr(loader, "load", lambda *a, **kw: seen.append(kw["read_procs"]) or real(*a, **kw))
+    assert main(["load", str(path), "--device", "cpu", "--read-procs", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["read_procs"] == 0
+    assert main(["load", str(path), "--device", "cpu", "--json"]) == 0
+    assert seen == [3, None]

@@ -91,7 +91,11 @@ class Prefetcher:
         self._stride = -(-self._slot_bytes // _PAGE) * _PAGE  # slots page-aligned: registered one by one
         self._files = {f: n for n, f in enumerate(self.ckpt.files)}
         fds = [self.ckpt.fileno(f) for f in self.ckpt.files]
-        self._procs = ReaderProcs(fds, buffers * self._stride, procs, self._part_done, name=str(self.ckpt.path))
+        try:
+            self._procs = ReaderProcs(fds, buffers * self._stride, procs, self._part_done, name=str(self.ckpt.path))
+        except OSError as e:
+            raise Fp8StreamError(f"{self.ckpt.path}: cannot start {procs} reader processes ({e.strerror or e}); "
+                                 "load with read_procs=0 (--read-procs 0) to read with threads") from None
         try:
             region = torch.frombuffer(self._procs.mm, dtype=torch.uint8)
         except BaseException:
