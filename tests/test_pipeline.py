@@ -2,6 +2,9 @@
 
 import itertools
 import json
+import os
+import re
+import signal
 import threading
 
 import pytest
@@ -240,3 +243,245 @@ def test_timeline_png_and_json(tmp_path):
     assert loaded == sorted(loaded) and loaded[-1] == sum(i.nbytes for i in Checkpoint(path).tensors.values())
     assert max(s[1] for s in data["samples"]) <= rep.final_bytes + rep.staging_bytes
     assert rep.host_peak_bytes >= max(s[2] for s in data["samples"])
+
+
+# --- reader processes (read_procs): the same pool, whole-row reads done by child processes -------------
+
+
+def _fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _gone(procs):
+    """Every reader process exited and was reaped (a zombie still has its /proc entry)."""
+    return all(p.returncode is not None and not os.path.exists(f"/proc/{p.pid}") for p in procs)
+
+
+def _in_thread(fn, timeout=60):
+    """fn() in a thread; (result or exception) — the test fails instead of hanging if it does not finish."""
+    out = []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: B902 — handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"did not finish in {timeout} s"
+    return out[0]
+
+
+@pytest.fixture()
+def sharded_ckpt(tmp_path):
+    """Two shard files, a 2-D, a 3-D and a 1-D tensor: parts cross tensor and file boundaries."""
+    a = torch.randn(300, 40).to(torch.bfloat16)
+    b = torch.randn(4, 50, 24, dtype=torch.float16)
+    c = torch.randn(900)
+    save_file({"a": a, "c": c}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": b}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "c": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path, {"a": a, "b": b.reshape(-1, 24), "c": c}
+
+
+def test_reader_processes_deliver_exact_bytes_many_items_in_flight(sharded_ckpt, monkeypatch):
+    """Whole-row items of both shards in small parts over 3 reader processes, 4 buffers: every item arrives
+    exactly; the column slice goes to the reader threads (the only positional reads in this process),
+    every reader process did reads, and closing reaps them all and leaves no descriptor open."""
+    path, ref = sharded_ckpt
+    fds = _fd_count()
+    ckpt = Checkpoint(path, read_threads=2)
+    local = []
+    real = Checkpoint._pread
+    monkeypatch.setattr(Checkpoint, "_pread", lambda self, info, off, view: local.append(info.key) or real(self, info, off, view))
+    reqs, want = [], []
+    for r in range(0, 300, 37):
+        reqs.append(Request((("a", r, min(r + 37, 300)),), torch.bfloat16, (min(r + 37, 300) - r) * 80))
+        want.append(ref["a"][r : r + 37])
+    reqs.append(Request((("b", 30, 170),), torch.float16, 140 * 48))  # across expert boundaries, file 2
+    want.append(ref["b"][30:170])
+    reqs.append(Request((("a", 0, 64),), torch.bfloat16, 64 * 10 * 2, cols=(5, 15)))  # tensor parallel slice
+    want.append(ref["a"][:64, 5:15])
+    reqs.append(Request((("c", 0, 900),), torch.float32, 3600))
+    want.append(ref["c"])
+    reqs.append(Request((("b", 0, 0),), torch.float16, 0))  # empty: ready at once
+    want.append(ref["b"][:0])
+    pf = Prefetcher(ckpt, reqs, buffers=4, pinned=False, part_size=700, read_procs=3)
+    assert pf.read_procs == 3
+    procs = list(pf._procs.procs)
+    for i, req in enumerate(reqs):
+        buf, slot = pf.take(i)
+        assert torch.equal(host_view(ckpt, req, buf), want[i]), i
+        del buf
+        pf.release(slot, None)
+    rchar = [int(next(ln for ln in open(f"/proc/{p.pid}/io") if ln.startswith("rchar")).split()[1]) for p in procs]
+    assert all(n > 2000 for n in rchar), rchar  # each reader read file bytes (job records alone are 32 bytes each)
+    assert set(local) == {"a"} and len(local) >= 1  # only the column slice was read in this process
+    assert pf.pinned_bytes == 4 * 8192  # 4 slots of the largest item (6720 bytes), each rounded up to whole pages
+    pf.close()
+    ckpt.close()
+    assert _gone(procs) and [p.returncode for p in procs] == [0, 0, 0]  # stopped by EOF, not killed
+    assert _fd_count() == fds
+    assert not _fp8stream_threads()
+
+
+def _prefetch_with_procs(monkeypatch, procs: int):
+    """Run the read-ahead pipeline on the CPU too (it normally runs for CUDA only), as load() sets it up."""
+    started = []
+
+    def start(self, schedule):
+        self._schedule = [r for r in schedule if r is not None]
+        self._prefetcher = Prefetcher(self.ckpt, self._schedule, 2, pinned=False, read_procs=self.read_procs)
+        self.read_procs_used = self._prefetcher.read_procs
+        self._prefetcher._procs_seen = list(self._prefetcher._procs.procs) if self._prefetcher._procs else []
+        started.append(self._prefetcher)
+
+    monkeypatch.setattr(loader._Source, "start", start)
+    return started
+
+
+def test_load_with_reader_processes_is_bit_identical(tmp_path, monkeypatch):
+    """$FP8STREAM_READ_PROCS selects reader processes when load() is not told; the model is bit-identical
+    to the thread path's, and the report says how many processes read and counts the shared pool."""
+    path, _ = make_checkpoint("qwen2_moe", tmp_path / "m", max_shard_size="100KB")
+    started = _prefetch_with_procs(monkeypatch, 2)
+    plain = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False, read_procs=0)
+    assert plain.fp8stream_report.read_procs == 0 and started[-1]._procs is None
+    monkeypatch.setenv("FP8STREAM_READ_PROCS", "2")
+    fds = _fd_count()
+    piped = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False)
+    rep = piped.fp8stream_report
+    assert rep.read_procs == 2 and len(started) == 2
+    assert rep.pinned_host_bytes >= 2 * max(r.nbytes for r in started[-1].schedule)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), piped.state_dict().items()):
+        a = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a
+        b = b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b
+        assert torch.equal(a, b), n
+    assert started[-1]._procs is None and _fd_count() == fds and not _fp8stream_threads()
+    monkeypatch.setenv("FP8STREAM_READ_PROCS", "two")
+    with pytest.raises(fp8stream.Fp8StreamError, match=r"FP8STREAM_READ_PROCS='two' is not an integer"):
+        fp8stream.load(path, device="cpu", progress=False)
+    with pytest.raises(fp8stream.Fp8StreamError, match=r"read_procs must be an integer >= 0"):
+        fp8stream.load(path, device="cpu", progress=False, read_procs=-1)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "unreadable"])
+def test_reader_process_read_errors_are_the_thread_paths_one_line_errors(tmp_path, fault):
+    """A short read (file truncated after its header was checked) or a failing read (EISDIR: the shard
+    was replaced by a directory) in a reader process surfaces in take() as exactly the error the reader
+    threads raise; every process is reaped (killed: reads were still in flight) and no fd is left."""
+    x = torch.randn(512, 256)
+    save_file({"x": x}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    file = tmp_path / "model.safetensors"
+    messages = []
+    for procs in (0, 2):
+        ckpt = Checkpoint(tmp_path, read_threads=2)
+        if fault == "truncated":
+            os.truncate(file, ckpt.tensors["x"].offset + 300 * 1024)  # rows >= 300 are gone
+        else:
+            file.rename(tmp_path / "moved")
+            file.mkdir()
+        fds = _fd_count()
+        reqs = [Request((("x", r, r + 64),), torch.float32, 64 * 1024) for r in range(0, 512, 64)]
+        pf = Prefetcher(ckpt, reqs, buffers=3, pinned=False, part_size=16 << 10, read_procs=procs)
+        children = list(pf._procs.procs) if procs else []
+
+        def take_all():
+            for i in range(len(reqs)):
+                _, slot = pf.take(i)
+                pf.release(slot, None)
+
+        err = _in_thread(take_all)
+        assert isinstance(err, CheckpointError), err
+        messages.append(str(err))
+        pf.close()
+        ckpt.close()
+        assert _gone(children) and _fd_count() == fds
+        if fault == "unreadable":
+            file.rmdir()
+            (tmp_path / "moved").rename(file)
+        else:
+            save_file({"x": x}, file)
+    want = (rf"^{re.escape(str(file))}: ends inside tensor 'x' \(file truncated while loading\?\)$" if fault == "truncated"
+            else rf"^{re.escape(str(file))}: cannot read tensor 'x' \(Is a directory\)$")
+    assert re.match(want, messages[0]) and messages[1] == messages[0], messages
+    assert not _fp8stream_threads()
+
+
+def test_killed_reader_process_fails_the_load_cleanly(tmp_path, monkeypatch):
+    """A reader process killed mid-load: the load fails with one line naming the process and how it died
+    (no hang), and leaves no reader process, thread or descriptor behind."""
+    path, _ = make_checkpoint("llama", tmp_path / "m", max_shard_size="100KB")
+    started = _prefetch_with_procs(monkeypatch, 2)
+    real_take = Prefetcher.take
+    taken = itertools.count()
+
+    def take(self, i):
+        if next(taken) == 5:
+            os.kill(self._procs.procs[0].pid, signal.SIGKILL)
+            self._procs.procs[0].wait()  # dead before the next read is queued
+        return real_take(self, i)
+
+    monkeypatch.setattr(Prefetcher, "take", take)
+    fds = _fd_count()
+    err = _in_thread(lambda: fp8stream.load(path, device="cpu", staging_mib=0.05, progress=False, read_procs=2))
+    assert isinstance(err, CheckpointError), err
+    assert re.search(r"reader process \d+ was killed by SIGKILL", str(err)) and "\n" not in str(err), err
+    children = started[0]._procs_seen
+    assert len(children) == 2 and _gone(children)
+    assert _fd_count() == fds and not _fp8stream_threads()
+
+
+def test_host_anon_memory_stays_flat_with_reader_processes(tmp_path):
+    """96 MiB through 2 x 1 MiB slots of the shared region: this process's anonymous RSS grows by far less
+    than the checkpoint (the pool is shared memory: it shows as RssShmem, and in pinned_bytes)."""
+    from fp8stream.memory import _rss_anon_bytes
+
+    def shmem():
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("RssShmem:"))
+
+    rows, width = 24 * 1024, 1024
+    save_file({"x": torch.arange(rows, dtype=torch.float32).repeat_interleave(width).view(rows, width)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path, read_threads=2)
+    step = 256
+    reqs = [Request((("x", r, r + step),), torch.float32, step * width * 4) for r in range(0, rows, step)]
+    base, shm_base = _rss_anon_bytes(), shmem()
+    peak = shm_peak = 0
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False, part_size=256 << 10, read_procs=2)
+    for i, req in enumerate(reqs):
+        buf, slot = pf.take(i)
+        got = host_view(ckpt, req, buf)
+        assert got[0, 0] == i * step and got[-1, -1] == i * step + step - 1
+        assert got.double().sum() == width * (i * step * step + step * (step - 1) // 2)  # every page of the slot
+        del got, buf
+        peak = max(peak, _rss_anon_bytes() - base)
+        shm_peak = max(shm_peak, shmem() - shm_base)
+        pf.release(slot, None)
+    assert pf.pinned_bytes == 2 << 20
+    pf.close()
+    ckpt.close()
+    assert peak < 16 << 20, peak  # interpreter slack only: the 2 MiB pool is not anonymous memory, 96 MiB never
+    assert (1 << 20) <= shm_peak <= (2 << 20) + (1 << 20), shm_peak  # the pool, as shared memory
+
+
+def test_cli_read_procs_reaches_load_and_the_report(tmp_path, monkeypatch, capsys):
+    """`--read-procs N` is load(read_procs=N); omitted, load() decides ($FP8STREAM_READ_PROCS, else 0).
+    The JSON report says how many reader processes read (0 here: the CPU path reads synchronously)."""
+    from fp8stream.cli import main
+
+    path, _ = make_checkpoint("llama", tmp_path / "m")
+    seen = []
+    real = loader.load
+    monkeypatch.setattr(loader, "load", lambda *a, **kw: seen.append(kw["read_procs"]) or real(*a, **kw))
+    assert main(["load", str(path), "--device", "cpu", "--read-procs", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["read_procs"] == 0
+    assert main(["load", str(path), "--device", "cpu", "--json"]) == 0
+    assert seen == [3, None]

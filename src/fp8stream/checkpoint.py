@@ -207,16 +207,20 @@ class Checkpoint:
             self._pread(info, offset + i * stride, view[i * seg : (i + 1) * seg])
 
     def _fd(self, info: TensorInfo) -> int:
-        fd = self._fds.get(info.file)
+        return self.fileno(info.file)
+
+    def fileno(self, file: Path) -> int:
+        """The open descriptor of one of `files` (opened once, closed by `close`)."""
+        fd = self._fds.get(file)
         if fd is None:
             with self._lock:
-                fd = self._fds.get(info.file)
+                fd = self._fds.get(file)
                 if fd is None:
                     try:
-                        fd = os.open(info.file, os.O_RDONLY)
+                        fd = os.open(file, os.O_RDONLY)
                     except OSError as e:
-                        raise CheckpointError(f"{info.file}: cannot open ({e.strerror or e})") from None
-                    self._fds[info.file] = fd
+                        raise CheckpointError(f"{file}: cannot open ({e.strerror or e})") from None
+                    self._fds[file] = fd
         return fd
 
     def advise(self, reads) -> None:
