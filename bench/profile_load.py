@@ -1,14 +1,12 @@
 """Where a load's time goes: setup phases, raw reads, host-to-device copies, the whole load under cProfile.
 
-    python bench/profile_load.py CKPT_DIR [--scheme fp8_per_channel] [--read-procs N] [--out profile.json]
+    python bench/profile_load.py CKPT_DIR [--scheme fp8_per_channel] [--out profile.json]
 
 Each stage is measured on its own, in this process, so their sum can be compared with the load:
   setup      config.json, meta model, load plan, module swap (what happens before the clock in load())
   read       every tensor's bytes into pinned buffers with Checkpoint.read_into (1 and 4 chunks in flight)
   h2d        the same number of bytes from one pinned buffer to the device
   load       fp8stream.load wall time, then again under cProfile (top functions by own time)
---read-procs N: every load (sweeps and cProfile included) reads ahead in N reader processes (0: threads;
-default $FP8STREAM_READ_PROCS, else 0); bench/read_ahead.py compares the read-ahead pool alone.
 """
 
 from __future__ import annotations
@@ -119,10 +117,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("--scheme", default="fp8_per_channel")
-    ap.add_argument("--read-procs", type=int, default=None)
     ap.add_argument("--out")
     args = ap.parse_args()
-    procs = {} if args.read_procs is None else {"read_procs": args.read_procs}
     path = Path(args.ckpt)
     torch.cuda.init()
     torch.empty(1, device="cuda")
@@ -133,10 +129,9 @@ def main():
     h2d(total, 64 << 20)
     for i in range(2):
         t0 = time.perf_counter()
-        m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False, **procs)
+        m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False)
         torch.cuda.synchronize()
         emit(f"load_{i}", {"wall_s": time.perf_counter() - t0, "report_s": m.fp8stream_report.load_seconds,
-                          "read_procs": m.fp8stream_report.read_procs,
                           "peak_minus_final_MiB": (m.fp8stream_report.peak_bytes - m.fp8stream_report.final_bytes) / 2**20})
         del m
         torch.cuda.empty_cache()
@@ -146,7 +141,7 @@ def main():
         if interval is not None:
             sys.setswitchinterval(interval)
         t0 = time.perf_counter()
-        m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False, read_threads=threads, prefetch_buffers=buffers, **procs)
+        m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False, read_threads=threads, prefetch_buffers=buffers)
         torch.cuda.synchronize()
         emit(f"sweep_threads{threads}_buffers{buffers}_switch{interval or default_interval}",
              {"wall_s": time.perf_counter() - t0, "report_s": m.fp8stream_report.load_seconds})
@@ -155,7 +150,7 @@ def main():
         torch.cuda.empty_cache()
     prof = cProfile.Profile()
     prof.enable()
-    m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False, **procs)
+    m = fp8stream.load(path, device="cuda", scheme=args.scheme, progress=False)
     torch.cuda.synchronize()
     prof.disable()
     del m

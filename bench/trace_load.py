@@ -8,8 +8,6 @@ host->device hand-off (_Source._copy_in, which waits for the device to finish th
 and the time to the first read. Prints per load:
   setup_s            load() call -> first positional read (config, headers, meta model, plan, pinning)
   stream_s           first read -> load() returns
-  (--read-procs N: reads happen in reader processes; a "read" is then one part from its submission
-  to its reply, queueing included, and readers_busy / part_gap_ms are over the N processes)
   read GB/s          bytes / stream_s; readers_busy = summed read time / (threads x stream_s)
   part_gap_ms        mean time a reader thread spends between two of its reads (queueing, the GIL)
   take_wait_s        the loader thread blocked waiting for reads (read-bound when large)
@@ -33,7 +31,6 @@ import fp8stream
 from fp8stream import loader as L
 from fp8stream import pipeline as P
 from fp8stream.checkpoint import Checkpoint
-from fp8stream.readers import ReaderProcs
 
 EVENTS: list[tuple] = []  # (kind, thread ident, t0, t1, nbytes)
 _lock = threading.Lock()
@@ -69,32 +66,8 @@ def _wrap_peak(name):
     setattr(L, name, wrapped)
 
 
-def _wrap_procs() -> None:
-    """Reader processes: one "read" event per part, from submit to its reply (the child's id as the thread)."""
-    submitted: dict[int, float] = {}
-    orig_submit, orig_finish = ReaderProcs.submit, ReaderProcs._finish
-
-    def submit(self, parts):
-        first, t = self._next_job, time.perf_counter()
-        for job in range(first, first + len(parts)):
-            submitted[job] = t
-        return orig_submit(self, parts)
-
-    def finish(self, job, err, got):
-        child = self._jobs[job][0]
-        t0 = submitted.pop(job, time.perf_counter())
-        try:
-            return orig_finish(self, job, err, got)
-        finally:
-            with _lock:
-                EVENTS.append(("read", -1 - child, t0, time.perf_counter(), got))
-
-    ReaderProcs.submit, ReaderProcs._finish = submit, finish
-
-
 def instrument() -> None:
     _wrap(Checkpoint, "_pread", "read", lambda a: len(a[3]))
-    _wrap_procs()
     _wrap(P.Prefetcher, "take", "take")
     _wrap(L._Source, "_copy_in", "copy_in")
 
@@ -137,7 +110,6 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", default="fp8_per_channel")
     ap.add_argument("--read-threads", type=int, default=None)
     ap.add_argument("--prefetch-buffers", type=int, default=None)
-    ap.add_argument("--read-procs", type=int, default=None, help="reader processes (0: threads; default $FP8STREAM_READ_PROCS, else 0)")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for a trial")
     ap.add_argument("--part-mib", type=float, default=None, help="read-ahead part size for a trial (pipeline.PART_BYTES)")
     ap.add_argument("--device", default="cuda", help="cpu: smoke test (no read-ahead pool on the CPU)")
@@ -152,9 +124,7 @@ def main(argv=None) -> int:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.part_mib:
-        defaults = list(P.Prefetcher.__init__.__defaults__)  # buffers, pinned, part_size, read_procs, device
-        defaults[2] = int(args.part_mib * 2**20)
-        P.Prefetcher.__init__.__defaults__ = tuple(defaults)
+        P.Prefetcher.__init__.__defaults__ = (8, True, int(args.part_mib * 2**20))  # buffers, pinned, part_size
     if cuda:
         torch.empty(1, device="cuda")
     instrument()
@@ -162,8 +132,7 @@ def main(argv=None) -> int:
         _wrap_peak("_load_quantized")
         _wrap_peak("_load_kept")
     kw = {k: v for k, v in (("read_threads", args.read_threads), ("prefetch_buffers", args.prefetch_buffers)) if v}
-    if args.read_procs is not None:
-        kw["read_procs"] = args.read_procs
+    threads = args.read_threads or fp8stream.checkpoint.DEFAULT_READ_THREADS
     results = []
     for i in range(args.loads):
         EVENTS.clear()
@@ -176,9 +145,7 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        rep = model.fp8stream_report
-        readers = rep.read_procs or args.read_threads or fp8stream.checkpoint.DEFAULT_READ_THREADS
-        rec = {"load": i, "read_procs": rep.read_procs, **summarize(t0, t1, readers), "report_load_s": round(model.fp8stream_report.load_seconds, 3),
+        rec = {"load": i, **summarize(t0, t1, threads), "report_load_s": round(model.fp8stream_report.load_seconds, 3),
                "peak_minus_final_MiB": round((model.fp8stream_report.peak_bytes - model.fp8stream_report.final_bytes) / 2**20, 1)}
         print(json.dumps(rec), flush=True)
         results.append(rec)

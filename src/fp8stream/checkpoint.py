@@ -207,20 +207,16 @@ class Checkpoint:
             self._pread(info, offset + i * stride, view[i * seg : (i + 1) * seg])
 
     def _fd(self, info: TensorInfo) -> int:
-        return self.fileno(info.file)
-
-    def fileno(self, file: Path) -> int:
-        """The open descriptor of one of `files` (opened once, closed by `close`)."""
-        fd = self._fds.get(file)
+        fd = self._fds.get(info.file)
         if fd is None:
             with self._lock:
-                fd = self._fds.get(file)
+                fd = self._fds.get(info.file)
                 if fd is None:
                     try:
-                        fd = os.open(file, os.O_RDONLY)
+                        fd = os.open(info.file, os.O_RDONLY)
                     except OSError as e:
-                        raise CheckpointError(f"{file}: cannot open ({e.strerror or e})") from None
-                    self._fds[file] = fd
+                        raise CheckpointError(f"{info.file}: cannot open ({e.strerror or e})") from None
+                    self._fds[info.file] = fd
         return fd
 
     def advise(self, reads) -> None:

@@ -21,8 +21,6 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                    help="keep modules whose name matches (re.search) in full precision")
     p.add_argument("--read-threads", type=int, default=None, help="parallel positional reads (default: min(12, cores))")
     p.add_argument("--prefetch-buffers", type=int, default=8, help="pinned host buffers read ahead of the GPU (one staging chunk each)")
-    p.add_argument("--read-procs", type=int, default=None, metavar="N",
-                   help="read ahead in N reader processes instead of threads (default: $FP8STREAM_READ_PROCS, else 0)")
     p.add_argument("--keep-sensitive", action="store_true",
                    help="keep the first and the last decoder layer in full precision (ACCURACY.md: what it costs and buys)")
     p.add_argument("--timeline", default=None, metavar="FILE.png",
@@ -89,7 +87,7 @@ def _load(args, progress: bool):
 
     return load(args.path, device=_default_device(args.device), scheme=args.scheme, load_format=args.load_format,
                 staging_mib=args.staging_mib, ignore=args.ignore, progress=progress,
-                read_threads=args.read_threads or DEFAULT_READ_THREADS, prefetch_buffers=args.prefetch_buffers, read_procs=args.read_procs,
+                read_threads=args.read_threads or DEFAULT_READ_THREADS, prefetch_buffers=args.prefetch_buffers,
                 timeline=args.timeline, tp=args.tp, ep=args.ep, keep_sensitive=args.keep_sensitive)
 
 

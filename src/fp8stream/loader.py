@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -166,12 +165,10 @@ class _Source:
     """
 
     def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 prefetch_buffers: int = 8, read_procs: int = 0):
+                 prefetch_buffers: int = 8):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.gen = torch.Generator(device=device).manual_seed(seed) if ckpt is None else None
         self.prefetch_buffers = prefetch_buffers
-        self.read_procs = read_procs
-        self.read_procs_used = 0  # reader processes the Prefetcher actually ran (the report's read_procs)
         self._prefetcher: Prefetcher | None = None
         self._schedule: list[Request] = []
         self._pos = 0
@@ -206,9 +203,7 @@ class _Source:
         """Declare every read the load will make, in order, and start reading ahead (CUDA only)."""
         self._schedule = [r for r in schedule if r is not None]
         if self.ckpt is not None and self.device.type == "cuda" and self._schedule:
-            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=True,
-                                          read_procs=self.read_procs, device=self.device)
-            self.read_procs_used = self._prefetcher.read_procs
+            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=True)
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -586,7 +581,6 @@ def load(
     progress: bool = True,
     read_threads: int = DEFAULT_READ_THREADS,
     prefetch_buffers: int = 8,
-    read_procs: int | None = None,
     timeline: str | Path | None = None,
     tp: int = 1,
     ep: bool = False,
@@ -597,9 +591,7 @@ def load(
     Returns a transformers PreTrainedModel whose Linear layers / fused MoE experts are FP8; its
     `fp8stream_report` attribute is a LoadReport. Raises Fp8StreamError (one-line message) on bad input.
     `read_threads` positional reads run in parallel into `prefetch_buffers` pinned host buffers of one
-    staging chunk each (CUDA); `read_procs=N` > 0 moves the whole-row reads of that pool into N reader
-    processes (they never take this process's GIL; the pool is then shared memory, page-locked with
-    cudaHostRegister); None: $FP8STREAM_READ_PROCS, else 0 (reader threads). `timeline` names a PNG to draw memory and progress against time (its
+    staging chunk each (CUDA); `timeline` names a PNG to draw memory and progress against time (its
     data goes next to it as JSON). `scheme` defaults to the checkpoint's own for a pre-quantized FP8
     checkpoint (config.json quantization_config: its FP8 bytes are copied, never requantized; another
     scheme is an error), else fp8_per_channel.
@@ -633,7 +625,6 @@ def load(
     scheme = pre[0] if pre is not None else scheme or "fp8_per_channel"
     if read_threads < 1 or prefetch_buffers < 1:
         raise Fp8StreamError(f"read threads and prefetch buffers must be >= 1 (got {read_threads}, {prefetch_buffers})")
-    read_procs = _read_procs(read_procs)
     ckpt = Checkpoint(path, read_threads=read_threads) if load_format == "auto" else None
     if ckpt is not None:
         ckpt.check_index()
@@ -686,7 +677,7 @@ def load(
     ledger = MemoryLedger(dev, staging)
     ledger.check_fits(final_bytes)
 
-    src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers, read_procs=read_procs)
+    src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers)
     work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
             for t in targets]
     for t, c in work:
@@ -744,8 +735,7 @@ def load(
         full_precision_bytes=full_precision, staging_bytes=staging, load_seconds=seconds,
         quantized_tensors=n_quant, kept_tensors=n_kept, peak_measured_by=ledger.measured_by,
         host_rss_anon_peak_delta_bytes=ledger.rss_peak, host_peak_bytes=ledger.host_peak_bytes,
-        pinned_host_bytes=pinned, read_threads=read_threads if ckpt is not None else 0, read_procs=src.read_procs_used,
-        load_format=load_format,
+        pinned_host_bytes=pinned, read_threads=read_threads if ckpt is not None else 0, load_format=load_format,
         quantized_modules=quantized, kept_modules=kept_modules, kept_sensitive=sensitive,
         kept_sensitive_rule=SENSITIVE_RULE if keep_sensitive else "", read_bytes=ckpt.bytes_read if ckpt is not None else 0,
         rank=group.rank if group else 0, world_size=group.world if group else 1, tp=tp, ep=layout.ep if layout else 1,
@@ -763,23 +753,6 @@ def load(
 
         write_timeline(Path(timeline), sampler.samples, report)
     return model
-
-
-def _read_procs(read_procs: int | None) -> int:
-    """`read_procs`, or $FP8STREAM_READ_PROCS when it is None (A/B runs without code changes), else 0."""
-    where = "read_procs"
-    if read_procs is None:
-        env = os.environ.get("FP8STREAM_READ_PROCS", "").strip()
-        if not env:
-            return 0
-        where = "FP8STREAM_READ_PROCS"
-        try:
-            read_procs = int(env)
-        except ValueError:
-            raise Fp8StreamError(f"FP8STREAM_READ_PROCS={env!r} is not an integer (reader processes; 0: threads)") from None
-    if isinstance(read_procs, bool) or not isinstance(read_procs, int) or read_procs < 0:
-        raise Fp8StreamError(f"{where} must be an integer >= 0 (got {read_procs!r})")
-    return read_procs
 
 
 def _attach_generation_config(model, path: Path) -> None:

@@ -9,7 +9,6 @@ copies and quantization all overlap, while host memory stays at `buffers` x chun
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -17,10 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import Fp8StreamError
-from .readers import ReaderProcs
-
-log = logging.getLogger("fp8stream")
 
 Reads = tuple[tuple[str, int, int], ...]  # (checkpoint key, first flat row, end flat row)
 # Read-ahead part size: large enough that the Python work per part (which holds the GIL) is small next
@@ -32,7 +27,6 @@ PART_BYTES = 16 << 20
 # Page cache read-ahead requested (posix_fadvise WILLNEED) beyond the item being dispatched: file pages,
 # not process memory (RssAnon is unaffected), and evictable.
 ADVISE_BYTES = 1 << 30
-_PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -50,15 +44,10 @@ class Prefetcher:
     parts (at most `part_size` bytes each) on the checkpoint's reader pool, so the reads of several
     items are in flight at once and no reader waits for the slowest part of one item. The last part
     of an item to land makes it ready.
-
-    `read_procs` > 0: the buffers are slots of one shared-memory region and the whole-row parts are read
-    by that many reader processes (readers.py), which never take this process's GIL; column slices
-    (tensor parallel) still go to the reader threads. With `pinned`, each slot is page-locked
-    (cudaHostRegister) the first time it is used, as the thread path pins each buffer once.
     """
 
     def __init__(self, ckpt: Checkpoint, schedule: list[Request], buffers: int = 8, pinned: bool = True,
-                 part_size: int = PART_BYTES, read_procs: int = 0, device: torch.device | None = None):
+                 part_size: int = PART_BYTES):
         self.ckpt, self.schedule, self.pinned, self.part_size = ckpt, schedule, pinned, part_size
         self._slot_bytes = max((r.nbytes for r in schedule), default=0)
         self._bufs: list[torch.Tensor | None] = [None] * buffers
@@ -68,41 +57,13 @@ class Prefetcher:
             self._free.put(slot)
         self._ready: dict[int, int] = {}
         self._left: dict[int, int] = {}  # item -> parts still being read
-        self._in_flight = 0  # parts submitted to the reader threads and not finished (close() waits for them)
+        self._in_flight = 0  # parts submitted and not finished (close() waits for them)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stop = False
         self.pinned_bytes = 0
-        self.device = device
-        self._procs: ReaderProcs | None = None
-        self._used = [False] * buffers  # procs: slots handed out (and registered, when pinned)
-        self._registered: list[int] = []  # procs: data_ptr of every slot registered with CUDA
-        if read_procs > 0 and self._slot_bytes and any(r.cols is None for r in schedule):
-            self._start_procs(read_procs, buffers)
         self._thread = threading.Thread(target=self._run, name="fp8stream-prefetch", daemon=True)
         self._thread.start()
-
-    @property
-    def read_procs(self) -> int:
-        """Reader processes serving this pool (0: reader threads only)."""
-        return len(self._procs.procs) if self._procs is not None else 0
-
-    def _start_procs(self, procs: int, buffers: int) -> None:
-        self._stride = -(-self._slot_bytes // _PAGE) * _PAGE  # slots page-aligned: registered one by one
-        self._files = {f: n for n, f in enumerate(self.ckpt.files)}
-        fds = [self.ckpt.fileno(f) for f in self.ckpt.files]
-        try:
-            self._procs = ReaderProcs(fds, buffers * self._stride, procs, self._part_done, name=str(self.ckpt.path))
-        except OSError as e:
-            raise Fp8StreamError(f"{self.ckpt.path}: cannot start {procs} reader processes ({e.strerror or e}); "
-                                 "load with read_procs=0 (--read-procs 0) to read with threads") from None
-        try:
-            region = torch.frombuffer(self._procs.mm, dtype=torch.uint8)
-        except BaseException:
-            self._procs.close_readers()
-            self._procs.unmap()
-            raise
-        self._bufs = [region[s * self._stride : s * self._stride + self._slot_bytes] for s in range(buffers)]
 
     def _run(self) -> None:
         advised, advised_bytes = 0, 0  # items [0, advised) have been advised to the kernel
@@ -120,70 +81,31 @@ class Prefetcher:
                     return
                 if self._events[slot] is not None:
                     self._events[slot].synchronize()  # the device has copied this buffer out
-                if self._procs is not None:
-                    if not self._used[slot]:
-                        self._first_use(slot)
-                elif self._bufs[slot] is None:  # every buffer fits the largest item: pinned once
+                if self._bufs[slot] is None:  # every buffer fits the largest item: pinned once
                     self._bufs[slot] = torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
                     self.pinned_bytes = sum(b.numel() for b in self._bufs if b is not None)
-                if self._procs is not None and req.cols is None:
-                    parts = self._proc_parts(req, i, slot)
-                    self._begin(i, slot, req, len(parts), threads=False)
-                    self._procs.submit(parts)
-                else:
-                    jobs = self.ckpt.parts(_reads(self.ckpt, req, self._bufs[slot]), self.part_size)
-                    self._begin(i, slot, req, len(jobs), threads=True)
-                    for job in jobs:
-                        self.ckpt.submit(job).add_done_callback(lambda f, i=i, slot=slot: self._landed(f, i, slot))
+                jobs = self.ckpt.parts(_reads(self.ckpt, req, self._bufs[slot]), self.part_size)
+                self.ckpt.count_read(req.nbytes)
+                with self._cond:
+                    self._left[i] = len(jobs)
+                    self._in_flight += len(jobs)
+                    if not jobs:
+                        self._ready[i] = slot
+                        self._cond.notify_all()
+                for job in jobs:
+                    self.ckpt.submit(job).add_done_callback(lambda f, i=i, slot=slot: self._landed(f, i, slot))
         except BaseException as e:  # surfaces in take(); the loader stops
             with self._cond:
                 self._error = self._error or e
                 self._cond.notify_all()
 
-    def _begin(self, i: int, slot: int, req: Request, parts: int, threads: bool) -> None:
-        self.ckpt.count_read(req.nbytes)
-        with self._cond:
-            self._left[i] = parts
-            if threads:
-                self._in_flight += parts
-            if not parts:
-                self._ready[i] = slot
-                self._cond.notify_all()
-
-    def _first_use(self, slot: int) -> None:
-        """procs: a region slot's first use; pinned, page-lock it for DMA (CUDA only)."""
-        if self.pinned:
-            ptr = self._bufs[slot].data_ptr()
-            err = _cuda_call(self.device, "cudaHostRegister", ptr, self._stride, 1)  # 1: cudaHostRegisterPortable
-            if err != 0:
-                raise Fp8StreamError(f"{self.ckpt.path}: cudaHostRegister of a {self._stride / 2**20:.1f} MiB read-ahead buffer failed "
-                                     f"(cudaError {err}); load with read_procs=0 (--read-procs 0) to use pinned buffers instead")
-            self._registered.append(ptr)
-        self._used[slot] = True
-        self.pinned_bytes = self._stride * sum(self._used)
-
-    def _proc_parts(self, req: Request, i: int, slot: int) -> list[tuple]:
-        """The item's whole-row reads as reader-process parts (tag, info, file index, offset, bytes, region offset)."""
-        parts, at = [], slot * self._stride
-        for key, a, b in req.reads:
-            info = self.ckpt.tensors[key]
-            begin, nbytes = info.offset + a * info.row_bytes, (b - a) * info.row_bytes
-            for part in range(0, nbytes, self.part_size):
-                parts.append(((i, slot), info, self._files[info.file], begin + part, min(self.part_size, nbytes - part), at + part))
-            at += nbytes
-        return parts
-
     def _landed(self, future, i: int, slot: int) -> None:
         with self._cond:
             self._in_flight -= 1
-        self._part_done((i, slot), future.exception())
-
-    def _part_done(self, tag, error: BaseException | None) -> None:
-        with self._cond:
+            error = future.exception()
             if error is not None:
                 self._error = self._error or error
             else:
-                i, slot = tag
                 self._left[i] -= 1
                 if self._left[i] == 0:
                     del self._left[i]
@@ -206,50 +128,18 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop reading ahead and drop the pinned buffers (also after a failed load), once no reader
-        thread or process can still write into them."""
+        thread can still write into them."""
         self._stop = True
         self._free.put(None)
         self._thread.join()
         with self._cond:
             while self._in_flight:
                 self._cond.wait()
-        if self._procs is not None:
-            self._procs.close_readers()  # every reader process stopped and reaped: none writes any more
         for event in self._events:
             if event is not None:
-                event.synchronize()  # no copy reads the buffers any more
-        for ptr in self._registered:
-            err = _cuda_call(self.device, "cudaHostUnregister", ptr)
-            if err != 0:
-                log.warning("cudaHostUnregister of a read-ahead buffer failed (cudaError %d)", err)
-        self._registered = []
+                event.synchronize()
         self._bufs = [None] * len(self._bufs)
         self._events = [None] * len(self._events)
-        if self._procs is not None:
-            self._procs.unmap()
-            self._procs = None
-
-
-def _cuda_call(device: torch.device | None, name: str, *args) -> int:
-    """A cudart call (torch.cuda.cudart()) on `device`, in a thread of its own: a failure sets CUDA's
-    per-thread last error, which would otherwise make the loader thread's next kernel launch check
-    raise it. Returns the cudaError code (0: success). Portable registration (flag 1), as torch's own
-    shared-memory pinning, so the pages count as pinned for every context."""
-    out = []
-
-    def call():
-        try:
-            with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
-                out.append(int(getattr(torch.cuda.cudart(), name)(*args)))
-        except BaseException as e:  # raised again by the caller
-            out.append(e)
-
-    t = threading.Thread(target=call, name="fp8stream-cudart")
-    t.start()
-    t.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
 
 
 def _reads(ckpt: Checkpoint, req: Request, buf: torch.Tensor):

@@ -21,12 +21,9 @@ class LoadReport:
     kept_tensors: int
     peak_measured_by: str
     host_rss_anon_peak_delta_bytes: int  # process anonymous RSS growth during the load (cross-check on CPU)
-    # process anonymous RSS at its highest during the load: the thread path's pinned buffers are included;
-    # with read_procs the pool is shared memory (RssShmem), not in it: see pinned_host_bytes
-    host_peak_bytes: int = 0
-    pinned_host_bytes: int = 0  # the read-ahead pool (CUDA; pinned buffers, or the shared region's slots in use with read_procs)
+    host_peak_bytes: int = 0  # process anonymous RSS at its highest during the load (pinned buffers included)
+    pinned_host_bytes: int = 0  # the pinned read-ahead pool (CUDA)
     read_threads: int = 0
-    read_procs: int = 0  # reader processes that did the whole-row reads of the read-ahead pool (0: reader threads)
     load_format: str = "auto"
     read_bytes: int = 0  # checkpoint tensor bytes this process read from the files
     rank: int = 0  # tensor / expert parallel: this rank of world_size (every figure above is this rank's)
