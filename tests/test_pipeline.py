@@ -12,7 +12,7 @@ import fp8stream
 from fp8stream import loader
 from fp8stream.checkpoint import Checkpoint
 from fp8stream.errors import CheckpointError
-from fp8stream.pipeline import PinnedPool, Prefetcher, Request, host_view
+from fp8stream.pipeline import Prefetcher, Request, host_view
 from tiny_models import make_checkpoint
 
 
@@ -240,41 +240,3 @@ def test_timeline_png_and_json(tmp_path):
     assert loaded == sorted(loaded) and loaded[-1] == sum(i.nbytes for i in Checkpoint(path).tensors.values())
     assert max(s[1] for s in data["samples"]) <= rep.final_bytes + rep.staging_bytes
     assert rep.host_peak_bytes >= max(s[2] for s in data["samples"])
-
-
-@pytest.mark.parametrize("arch,dtype,scheme,staging_kib", [
-    ("llama", torch.bfloat16, "fp8_per_channel", 64), ("llama", torch.bfloat16, "fp8_per_channel", 4096),
-    ("qwen2_moe", torch.float32, "fp8_per_block", 1024), ("qwen2_moe", torch.float32, "fp8_per_block", 4096),
-    ("qwen2_moe", torch.float16, "fp8_per_tensor", 64), ("qwen2_moe", torch.float16, "fp8_per_tensor", 1024)])
-def test_warm_pool_fits_every_scheduled_read(tmp_path, arch, dtype, scheme, staging_kib):
-    """The pinned pool started before the setup is sized from the headers alone: it must hold the largest
-    read the schedule of a CUDA load makes (else the Prefetcher pins its own buffers and the warm-up was
-    wasted), and be no larger than that where some dtype has more bytes than the staging bound allows."""
-    from fp8stream.load_plan import build_meta_model, build_plan
-    from fp8stream.modules import replace_with_fp8
-
-    path, _ = make_checkpoint(arch, tmp_path, dtype=dtype)
-    ckpt = Checkpoint(path)
-    dev, staging = torch.device("cuda"), staging_kib << 10  # nothing is allocated: sizes only
-    model = build_meta_model(loader._load_config(path), torch.bfloat16)
-    plans = build_plan(model, ckpt)
-    replace_with_fp8(model, scheme, list(loader.DEFAULT_IGNORE) + [r"^lm_head$"], torch.bfloat16)
-    src = loader._Source(ckpt, torch.bfloat16, dev)
-    work = [(t, loader._quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None
-             else loader._kept_chunks(t, src, staging)) for t in loader._targets(model, plans)]
-    largest = max(r.nbytes for r in loader._schedule(src, work) if r is not None)
-    bound = loader._max_chunk_bytes(ckpt, dev, staging)
-    assert largest <= bound
-    if sum(i.nbytes for i in ckpt.tensors.values()) > 4 * staging:
-        assert bound <= 1.1 * largest
-    ckpt.close()
-
-
-def test_pinned_pool_hands_out_buffers_that_fit():
-    pool = PinnedPool(2, 1000, pinned=False)
-    assert pool.take(2000) is None  # too small for this schedule: the Prefetcher pins its own
-    a = pool.take(1000)
-    assert a is not None and a.numel() == 1000 and a.dtype == torch.uint8
-    assert pool.take(10) is not None and pool.take(10) is None  # two buffers, then none
-    pool.close()
-    assert not _fp8stream_threads()

@@ -27,7 +27,7 @@ from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
-from .pipeline import PinnedPool, Prefetcher, Request, host_view, read_now, row_bytes
+from .pipeline import Prefetcher, Request, host_view, read_now, row_bytes
 from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, replace_with_fp8, sensitive_modules
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
 from .report import LoadReport
@@ -51,25 +51,6 @@ def _stage_extra(kind: str, src_itemsize: int, device: torch.device) -> int:
     """Budgeted device bytes per staged element besides the source chunk. On CUDA the next chunk's
     source is copied in (on the copy stream) while this one is quantized: one more source chunk."""
     return _STAGE_BYTES_PER_ELEM[kind] + _ROUNDING_MARGIN + (src_itemsize if device.type == "cuda" else 0)
-
-
-def _warm_pool(ckpt: Checkpoint | None, dev: torch.device, staging: int, buffers: int) -> PinnedPool | None:
-    """Start pinning the read-ahead buffers (CUDA loads of a checkpoint), sized from the headers alone: the
-    largest chunk of source bytes the staging budget allows for any dtype the checkpoint holds (a chunk of
-    width w and dtype size s has rows * w * (s + extra) <= staging; _rows_per_chunk), capped by that dtype's
-    total bytes."""
-    if ckpt is None or dev.type != "cuda":
-        return None
-    nbytes = _max_chunk_bytes(ckpt, dev, staging)
-    return PinnedPool(buffers, nbytes) if nbytes > 0 else None
-
-
-def _max_chunk_bytes(ckpt: Checkpoint, dev: torch.device, staging: int) -> int:
-    total: dict[int, int] = {}
-    for info in ckpt.tensors.values():
-        total[info.dtype.itemsize] = total.get(info.dtype.itemsize, 0) + info.nbytes
-    extra = {s: min(_stage_extra(kind, s, dev) for kind in ("rows", "kept")) for s in total}
-    return max((min(n, staging * s // (s + extra[s])) for s, n in total.items()), default=0)
 
 
 @dataclass
@@ -184,11 +165,10 @@ class _Source:
     """
 
     def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 prefetch_buffers: int = 8, warm: PinnedPool | None = None):
+                 prefetch_buffers: int = 8):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.gen = torch.Generator(device=device).manual_seed(seed) if ckpt is None else None
         self.prefetch_buffers = prefetch_buffers
-        self._warm = warm
         self._prefetcher: Prefetcher | None = None
         self._schedule: list[Request] = []
         self._pos = 0
@@ -223,16 +203,12 @@ class _Source:
         """Declare every read the load will make, in order, and start reading ahead (CUDA only)."""
         self._schedule = [r for r in schedule if r is not None]
         if self.ckpt is not None and self.device.type == "cuda" and self._schedule:
-            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=True, warm=self._warm)
-            self._warm = None  # the prefetcher owns (and closes) it now
+            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=True)
 
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
-        if self._warm is not None:
-            self._warm.close()
-            self._warm = None
 
     @property
     def pinned_bytes(self) -> int:
@@ -653,67 +629,60 @@ def load(
     if ckpt is not None:
         ckpt.check_index()
 
-    # the read-ahead pool is pinned on a thread while the model and the plan are built (see PinnedPool)
-    warm = _warm_pool(ckpt, dev, int(staging_mib * 2**20), prefetch_buffers)
     try:
-        try:
-            model = build_meta_model(config, dtype)
-        except Fp8StreamError:
-            raise
-        except Exception as e:  # config values transformers' validation lets through (negative sizes, unknown rope type...)
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise CheckpointError(f"{path / 'config.json'}: cannot build the {config.model_type} model it describes ({type(e).__name__}: {first})") from None
-        src_itemsize = dtype.itemsize
-        if ckpt is not None:
-            float_sizes = [i.dtype.itemsize for i in ckpt.tensors.values() if i.dtype.is_floating_point and i.dtype.itemsize > 1]
-            src_itemsize = max(set(float_sizes), key=float_sizes.count) if float_sizes else dtype.itemsize
-        full_precision = sum(p.numel() for p in model.parameters()) * src_itemsize
-        plans = build_plan(model, ckpt, scale_suffix=pre[1] if pre else None) if ckpt is not None else None
-
-        ignore = list(DEFAULT_IGNORE) + list(ignore)
-        out_emb = model.get_output_embeddings()
-        if out_emb is not None:
-            out_name = next(n for n, m in model.named_modules() if m is out_emb)
-            ignore.append(rf"^{out_name}$")
-        if pre is not None and plans is not None:
-            ignore += _full_precision_modules(model, plans, ckpt)
-        sensitive = sensitive_modules(model) if keep_sensitive else []
-        ignore += [rf"^{re.escape(n)}$" for n in sensitive]
-        try:
-            quantized, kept_modules = replace_with_fp8(model, scheme, ignore, dtype)
-        except Exception as e:
-            if isinstance(e, Fp8StreamError):
-                raise
-            raise Fp8StreamError(f"--ignore: {e}") from None
-        layout = None
-        if group is not None:
-            if pre is not None:
-                raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
-            tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-            layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
-            shard_meta(model, layout)
-            if plans is not None:
-                plans = {name: local_plan(plan, layout.shards.get(name)) for name, plan in plans.items()}
-        targets = _targets(model, plans)
-        if layout is not None:
-            for t in targets:
-                t.group = group.group
-        scales = _check_prequantized(targets, ckpt, scheme, pre[1]) if pre is not None and ckpt is not None else {}
-        final_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
-        staging = int(staging_mib * 2**20)
-        ledger = MemoryLedger(dev, staging)
-        ledger.check_fits(final_bytes)
-
-        src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers, warm=warm)
-        work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
-                for t in targets]
-        for t, c in work:
-            if t.name in scales:
-                c.amax_reads = []  # stored FP8: no amax pass
-    except BaseException:
-        if warm is not None:
-            warm.close()
+        model = build_meta_model(config, dtype)
+    except Fp8StreamError:
         raise
+    except Exception as e:  # config values transformers' validation lets through (negative sizes, unknown rope type...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path / 'config.json'}: cannot build the {config.model_type} model it describes ({type(e).__name__}: {first})") from None
+    src_itemsize = dtype.itemsize
+    if ckpt is not None:
+        float_sizes = [i.dtype.itemsize for i in ckpt.tensors.values() if i.dtype.is_floating_point and i.dtype.itemsize > 1]
+        src_itemsize = max(set(float_sizes), key=float_sizes.count) if float_sizes else dtype.itemsize
+    full_precision = sum(p.numel() for p in model.parameters()) * src_itemsize
+    plans = build_plan(model, ckpt, scale_suffix=pre[1] if pre else None) if ckpt is not None else None
+
+    ignore = list(DEFAULT_IGNORE) + list(ignore)
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None:
+        out_name = next(n for n, m in model.named_modules() if m is out_emb)
+        ignore.append(rf"^{out_name}$")
+    if pre is not None and plans is not None:
+        ignore += _full_precision_modules(model, plans, ckpt)
+    sensitive = sensitive_modules(model) if keep_sensitive else []
+    ignore += [rf"^{re.escape(n)}$" for n in sensitive]
+    try:
+        quantized, kept_modules = replace_with_fp8(model, scheme, ignore, dtype)
+    except Exception as e:
+        if isinstance(e, Fp8StreamError):
+            raise
+        raise Fp8StreamError(f"--ignore: {e}") from None
+    layout = None
+    if group is not None:
+        if pre is not None:
+            raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
+        shard_meta(model, layout)
+        if plans is not None:
+            plans = {name: local_plan(plan, layout.shards.get(name)) for name, plan in plans.items()}
+    targets = _targets(model, plans)
+    if layout is not None:
+        for t in targets:
+            t.group = group.group
+    scales = _check_prequantized(targets, ckpt, scheme, pre[1]) if pre is not None and ckpt is not None else {}
+    final_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+    staging = int(staging_mib * 2**20)
+    ledger = MemoryLedger(dev, staging)
+    ledger.check_fits(final_bytes)
+
+    src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers)
+    work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
+            for t in targets]
+    for t, c in work:
+        if t.name in scales:
+            c.amax_reads = []  # stored FP8: no amax pass
     t0 = time.perf_counter()
     sampler = Sampler(dev, src, interval_s=0.005)
     ledger.start(sampler)

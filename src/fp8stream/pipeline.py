@@ -47,11 +47,10 @@ class Prefetcher:
     """
 
     def __init__(self, ckpt: Checkpoint, schedule: list[Request], buffers: int = 8, pinned: bool = True,
-                 part_size: int = PART_BYTES, warm: PinnedPool | None = None):
+                 part_size: int = PART_BYTES):
         self.ckpt, self.schedule, self.pinned, self.part_size = ckpt, schedule, pinned, part_size
         self._slot_bytes = max((r.nbytes for r in schedule), default=0)
         self._bufs: list[torch.Tensor | None] = [None] * buffers
-        self._warm = warm
         self._events: list = [None] * buffers
         self._free: queue.Queue = queue.Queue()
         for slot in range(buffers):
@@ -83,8 +82,7 @@ class Prefetcher:
                 if self._events[slot] is not None:
                     self._events[slot].synchronize()  # the device has copied this buffer out
                 if self._bufs[slot] is None:  # every buffer fits the largest item: pinned once
-                    ready = self._warm.take(self._slot_bytes) if self._warm is not None else None
-                    self._bufs[slot] = ready if ready is not None else torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+                    self._bufs[slot] = torch.empty(self._slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
                     self.pinned_bytes = sum(b.numel() for b in self._bufs if b is not None)
                 jobs = self.ckpt.parts(_reads(self.ckpt, req, self._bufs[slot]), self.part_size)
                 self.ckpt.count_read(req.nbytes)
@@ -142,42 +140,6 @@ class Prefetcher:
                 event.synchronize()
         self._bufs = [None] * len(self._bufs)
         self._events = [None] * len(self._events)
-        if self._warm is not None:
-            self._warm.close()
-
-
-class PinnedPool:
-    """Pinned host buffers allocated ahead, on a thread, while the load sets up (config, meta model, plan).
-
-    Pinning is slow the first time in a process (cudaHostAlloc: ~0.4 s for the 8 x 49 MiB pool on the H100
-    host, which the first load's reads otherwise wait for; later loads reuse torch's pinned cache). The
-    allocation releases the GIL, so it overlaps the setup. A buffer too small for the schedule's largest
-    item is not used (the Prefetcher pins its own); close() joins the thread and drops what is left.
-    """
-
-    def __init__(self, count: int, nbytes: int, pinned: bool = True):
-        self.nbytes = nbytes
-        self._bufs: list[torch.Tensor] = []
-        self._thread = threading.Thread(target=self._alloc, args=(count, nbytes, pinned), name="fp8stream-pin", daemon=True)
-        self._thread.start()
-
-    def _alloc(self, count: int, nbytes: int, pinned: bool) -> None:
-        try:
-            for _ in range(count):
-                self._bufs.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
-        except Exception:  # noqa: BLE001 - e.g. out of pinnable memory: the Prefetcher then pins (and reports) itself
-            pass
-
-    def take(self, nbytes: int) -> torch.Tensor | None:
-        """A pinned buffer of at least nbytes, or None."""
-        self._thread.join()
-        if self._bufs and self.nbytes >= nbytes:
-            return self._bufs.pop()
-        return None
-
-    def close(self) -> None:
-        self._thread.join()
-        self._bufs = []
 
 
 def _reads(ckpt: Checkpoint, req: Request, buf: torch.Tensor):
