@@ -187,11 +187,7 @@ def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
     path, _ = make_checkpoint("qwen2_moe", tmp_path / "m", max_shard_size="100KB")
     plain = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False)
 
-    def start(self, schedule):
-        self._schedule = [r for r in schedule if r is not None]
-        self._prefetcher = Prefetcher(self.ckpt, self._schedule, 2, pinned=False)
-
-    monkeypatch.setattr(loader._Source, "start", start)
+    monkeypatch.setattr(loader._Source, "PREFETCH_DEVICES", ("cuda", "cpu"))  # the read-ahead pool, unpinned
     took = []
     real_take = Prefetcher.take
     monkeypatch.setattr(Prefetcher, "take", lambda self, i: took.append(i) or real_take(self, i))
@@ -207,11 +203,7 @@ def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
 def test_error_in_a_reader_thread_is_clean_and_stops_everything(tmp_path, monkeypatch):
     path, _ = make_checkpoint("llama", tmp_path / "m", max_shard_size="100KB")
 
-    def start(self, schedule):
-        self._schedule = [r for r in schedule if r is not None]
-        self._prefetcher = Prefetcher(self.ckpt, self._schedule, 2, pinned=False)
-
-    monkeypatch.setattr(loader._Source, "start", start)
+    monkeypatch.setattr(loader._Source, "PREFETCH_DEVICES", ("cuda", "cpu"))  # the read-ahead pool, unpinned
     real = Checkpoint._pread
 
     def failing(self, info, offset, view):

@@ -164,6 +164,8 @@ class _Source:
     the CPU is read synchronously into a fresh buffer, which is then the staging itself.
     """
 
+    PREFETCH_DEVICES = ("cuda",)  # tests add "cpu" to run the read-ahead pipeline (unpinned) without a GPU
+
     def __init__(self, ckpt: Checkpoint | None, dtype: torch.dtype, device: torch.device, seed: int = 0,
                  prefetch_buffers: int = 8):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
@@ -171,6 +173,7 @@ class _Source:
         self.prefetch_buffers = prefetch_buffers
         self._prefetcher: Prefetcher | None = None
         self._schedule: list[Request] = []
+        self._keys: list[tuple] = []  # (parameter name, d0, d1) of each scheduled row chunk (None: amax reads)
         self._pos = 0
         self._copy_stream = None
         self._consumed: list = []  # compute-stream events, one per chunk handed out (CUDA)
@@ -199,11 +202,14 @@ class _Source:
         cols = cols if cols is not None and len(infos[0].shape) >= 2 else None
         return Request(reads, infos[0].dtype, sum((b - a) * row_bytes(i, cols) for (_, a, b), i in zip(reads, infos)), cols)
 
-    def start(self, schedule: list[Request | None]) -> None:
-        """Declare every read the load will make, in order, and start reading ahead (CUDA only)."""
-        self._schedule = [r for r in schedule if r is not None]
-        if self.ckpt is not None and self.device.type == "cuda" and self._schedule:
-            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=True)
+    def start(self, schedule: list[tuple[tuple | None, Request | None]]) -> None:
+        """Declare every read the load will make, in order, with the (name, d0, d1) of each row chunk, and
+        start reading ahead (CUDA only)."""
+        schedule = [(k, r) for k, r in schedule if r is not None]
+        self._schedule = [r for _, r in schedule]
+        self._keys = [k for k, _ in schedule]
+        if self.ckpt is not None and self.device.type in self.PREFETCH_DEVICES and self._schedule:
+            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=self.device.type == "cuda")
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -223,6 +229,8 @@ class _Source:
         if plan is None:  # dummy: random rows generated straight on the device
             shape = (d1 - d0, width) if width else (d1 - d0,)
             return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype).mul_(0.02)
+        if self._pos < len(self._keys) and self._keys[self._pos] == (name, d0, d1):
+            return self._fetch(self._schedule[self._pos])  # the next scheduled chunk: its request is known
         req = self.request(plan, d0, d1, name)
         if req is None:  # sources of one parameter in different dtypes: convert each on the host
             reads = [(p.key, p.src_row + max(d0, p.dst_row) - p.dst_row, p.src_row + min(d1, p.dst_row + p.rows) - p.dst_row)
@@ -232,7 +240,8 @@ class _Source:
 
     def _fetch(self, req: Request) -> torch.Tensor:
         self.loaded_bytes += req.nbytes
-        on_schedule = self._pos < len(self._schedule) and self._schedule[self._pos] == req
+        nxt = self._schedule[self._pos] if self._pos < len(self._schedule) else None
+        on_schedule = nxt is not None and (nxt is req or nxt == req)
         if on_schedule:
             self._pos += 1
         if self._prefetcher is None or not on_schedule:
@@ -318,14 +327,16 @@ def _kept_chunks(t: _Target, src: _Source, staging: int) -> _Chunks:
     return _Chunks(step, [], list(_chunks(flat, flat, step, per_slice=False)), "kept")
 
 
-def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[Request | None]:
-    """Every read the load will make, in the order it makes them (the prefetcher reads ahead along it)."""
+def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[tuple[tuple | None, Request | None]]:
+    """Every read the load will make, in the order it makes them (the prefetcher reads ahead along it),
+    each with the (parameter name, d0, d1) of its row chunk (None for the per-tensor amax reads), so that
+    the loader takes its requests from here instead of building them twice (0.2 s per load in Python)."""
     out = []
     for t, c in work:
         if t.plan is None or t.plan.zeros:
             continue
-        out += [src._request((r,), t.plan.cols) for r in c.amax_reads]
-        out += [src.request(t.plan, d0, d1, t.name) for d0, d1 in c.rows]
+        out += [(None, src._request((r,), t.plan.cols)) for r in c.amax_reads]
+        out += [((t.name, d0, d1), src.request(t.plan, d0, d1, t.name)) for d0, d1 in c.rows]
     return out
 
 
