@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--staging-mib", type=float, default=256, help="host memory per chunk of rows being quantized (MiB)")
     x.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT (its other files are kept)")
     x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    x.add_argument("--calibrate", default=None, metavar="FILE",
+                   help="GPTQ-round the decoder Linears on this UTF-8 text (same scales and layout; ACCURACY.md)")
+    x.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens of --calibrate's text (default 2048)")
     e = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of FP8 schemes against the bf16 model on a text")
     e.add_argument("path", nargs="?", default=None, help="checkpoint directory (default: the demo's SmolLM2-135M-Instruct)")
     e.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to stream (default: the English text shipped in the package)")
@@ -191,13 +194,17 @@ def _run(args) -> int:
         from .export import export
 
         summary = export(args.path, args.out, format=args.format, scheme=args.scheme, ignore=args.ignore,
-                         staging_mib=args.staging_mib, overwrite=args.overwrite, progress=not args.json and sys.stderr.isatty())
+                         staging_mib=args.staging_mib, overwrite=args.overwrite, progress=not args.json and sys.stderr.isatty(),
+                         calibrate=args.calibrate, calib_tokens=args.calib_tokens)
         if args.json:
             print(json.dumps(summary))
         else:
             print(f"wrote {summary['out_dir']}: {summary['format']} {summary['scheme']}, {summary['quantized_tensors']} FP8 tensors, "
                   f"{summary['kept_tensors']} kept, {summary['bytes_written'] / 2**20:.1f} MiB in {summary['shards']} shard(s), "
                   f"{summary['seconds']:.1f} s")
+            if "calibration" in summary:
+                c = summary["calibration"]
+                print(f"calibrated (GPTQ) {c['calibrated_modules']} Linears on {c['tokens']} tokens of {c['text']}")
         return 0
     if args.command == "eval":
         from .evaluate import run_eval
