@@ -178,3 +178,26 @@ def test_cli_calibrate_error(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "nope.txt: calibration text not found" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_exported(tiny, tmp_path, capsys):
+    """eval compares exported FP8 checkpoints with the source's bf16 model: a plain export scores exactly
+    as loading the source with its scheme; the calibrated one is a separate row."""
+    from fp8stream.evaluate import evaluate
+
+    src, _ = tiny
+    fp8stream.export(src, tmp_path / "plain")
+    fp8stream.export(src, tmp_path / "cal", calib_ids=CALIB)
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(3))
+    res = evaluate(src, token_ids=ids, schemes=["fp8_per_channel"], exported=[tmp_path / "plain", tmp_path / "cal"],
+                   device="cpu").to_dict()["results"]
+    assert [r["scheme"] for r in res] == ["bf16", "fp8_per_channel", f"{tmp_path / 'plain'} (fp8_per_channel)",
+                                          f"{tmp_path / 'cal'} (fp8_per_channel)"]
+    for key in ("perplexity", "top1_agreement", "kl_mean"):
+        assert res[1][key] == res[2][key]
+    assert res[3]["kl_mean"] != res[2]["kl_mean"]
+    with pytest.raises(Fp8StreamError, match="nowhere: not a checkpoint directory"):
+        evaluate(src, token_ids=ids, schemes=[], exported=[tmp_path / "nowhere"], device="cpu")
+    assert main(["eval", str(src), "--schemes", "--exported", str(tmp_path / "cal"), "--tokens", "64", "--json",
+                 "--device", "cpu"]) == 2  # the tiny checkpoint has no tokenizer for the default text
+    assert "no usable tokenizer" in capsys.readouterr().err

@@ -65,12 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of FP8 schemes against the bf16 model on a text")
     e.add_argument("path", nargs="?", default=None, help="checkpoint directory (default: the demo's SmolLM2-135M-Instruct)")
     e.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to stream (default: the English text shipped in the package)")
-    e.add_argument("--schemes", nargs="+", default=None, choices=SCHEMES, metavar="SCHEME", help=f"default: all ({', '.join(SCHEMES)})")
+    e.add_argument("--schemes", nargs="*", default=None, choices=SCHEMES, metavar="SCHEME", help=f"default: all ({', '.join(SCHEMES)}); --schemes alone: none (only --exported)")
     e.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
     e.add_argument("--context", type=int, default=None, help="window length (default: all tokens in one window, up to the model's maximum)")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     e.add_argument("--ignore", nargs="*", default=[], metavar="REGEX", help="keep these modules in full precision in the FP8 loads")
     e.add_argument("--cache-dir", default=None, help="where the demo's bf16 conversion is kept (when PATH is omitted)")
+    e.add_argument("--exported", nargs="+", default=None, metavar="DIR",
+                   help="also compare these FP8 checkpoints of PATH (fp8stream export [--calibrate] output), loaded as they are")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout, no progress")
     return ap
 
