@@ -201,3 +201,17 @@ def test_eval_exported(tiny, tmp_path, capsys):
     assert main(["eval", str(src), "--schemes", "--exported", str(tmp_path / "cal"), "--tokens", "64", "--json",
                  "--device", "cpu"]) == 2  # the tiny checkpoint has no tokenizer for the default text
     assert "no usable tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,calibrated", [("qwen2_moe", 14), ("mixtral", 8), ("opt", 12)])
+def test_export_calibrated_other_architectures(tmp_path, arch, calibrated):
+    """MoE (fused experts keep plain rounding; attention and shared-expert Linears are calibrated) and OPT
+    (decoder layers under model.decoder): same layout as the plain export, a model that loads and runs."""
+    src, _ = make_checkpoint(arch, tmp_path / "src")
+    fp8stream.export(src, tmp_path / "plain")
+    summary = fp8stream.export(src, tmp_path / "cal", calib_ids=CALIB[:300])
+    assert summary["calibration"]["calibrated_modules"] == calibrated
+    assert _header(tmp_path / "cal" / "model.safetensors") == _header(tmp_path / "plain" / "model.safetensors")
+    model = fp8stream.load(tmp_path / "cal", device="cpu", progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(HELD_OUT).logits).all()
