@@ -59,15 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--staging-mib", type=float, default=256, help="host memory per chunk of rows being quantized (MiB)")
     x.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT (its other files are kept)")
     x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    x.add_argument("--calibrate", default=None, metavar="FILE",
+                   help="GPTQ-round the decoder Linears on this UTF-8 text (same scales and layout; ACCURACY.md)")
+    x.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens of --calibrate's text (default 2048)")
     e = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of FP8 schemes against the bf16 model on a text")
     e.add_argument("path", nargs="?", default=None, help="checkpoint directory (default: the demo's SmolLM2-135M-Instruct)")
     e.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to stream (default: the English text shipped in the package)")
-    e.add_argument("--schemes", nargs="+", default=None, choices=SCHEMES, metavar="SCHEME", help=f"default: all ({', '.join(SCHEMES)})")
+    e.add_argument("--schemes", nargs="*", default=None, choices=SCHEMES, metavar="SCHEME", help=f"default: all ({', '.join(SCHEMES)}); --schemes alone: none (only --exported)")
     e.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
     e.add_argument("--context", type=int, default=None, help="window length (default: all tokens in one window, up to the model's maximum)")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     e.add_argument("--ignore", nargs="*", default=[], metavar="REGEX", help="keep these modules in full precision in the FP8 loads")
     e.add_argument("--cache-dir", default=None, help="where the demo's bf16 conversion is kept (when PATH is omitted)")
+    e.add_argument("--exported", nargs="+", default=None, metavar="DIR",
+                   help="also compare these FP8 checkpoints of PATH (fp8stream export [--calibrate] output), loaded as they are")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout, no progress")
     return ap
 
@@ -191,13 +196,17 @@ def _run(args) -> int:
         from .export import export
 
         summary = export(args.path, args.out, format=args.format, scheme=args.scheme, ignore=args.ignore,
-                         staging_mib=args.staging_mib, overwrite=args.overwrite, progress=not args.json and sys.stderr.isatty())
+                         staging_mib=args.staging_mib, overwrite=args.overwrite, progress=not args.json and sys.stderr.isatty(),
+                         calibrate=args.calibrate, calib_tokens=args.calib_tokens)
         if args.json:
             print(json.dumps(summary))
         else:
             print(f"wrote {summary['out_dir']}: {summary['format']} {summary['scheme']}, {summary['quantized_tensors']} FP8 tensors, "
                   f"{summary['kept_tensors']} kept, {summary['bytes_written'] / 2**20:.1f} MiB in {summary['shards']} shard(s), "
                   f"{summary['seconds']:.1f} s")
+            if "calibration" in summary:
+                c = summary["calibration"]
+                print(f"calibrated (GPTQ) {c['calibrated_modules']} Linears on {c['tokens']} tokens of {c['text']}")
         return 0
     if args.command == "eval":
         from .evaluate import run_eval

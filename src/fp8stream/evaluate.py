@@ -187,6 +187,7 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     load_kwargs: dict | None = None,
+    exported: list[str | os.PathLike] | tuple = (),
 ) -> EvalResult:
     """Perplexity, top-1 agreement and KL of each FP8 scheme against the bf16 model on the same text.
 
@@ -195,6 +196,9 @@ def evaluate(
     directly (then no tokenizer is needed). schemes: FP8 schemes to compare (default: all).
     tokens: how many tokens of the text to use (fewer if the text is shorter). context: window size
     (default: min(tokens, max_position_embeddings)). load_kwargs: passed to fp8stream.load.
+    exported: FP8 checkpoint directories (e.g. `fp8stream export [--calibrate]` of `path`), each loaded
+    as is with fp8stream.load and compared with `path`'s bf16 model; its row is named
+    "DIR (scheme)". `path` itself must be the full-precision checkpoint.
     """
     from transformers.utils import logging as hf_logging
 
@@ -202,13 +206,15 @@ def evaluate(
     if not progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar; restored on return
     try:
-        return _evaluate(path, text, text_name, token_ids, schemes, tokens, context, device, cache_dir, progress, load_kwargs)
+        return _evaluate(path, text, text_name, token_ids, schemes, tokens, context, device, cache_dir, progress, load_kwargs,
+                         exported)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _evaluate(path, text, text_name, token_ids, schemes, tokens, context, device, cache_dir, progress, load_kwargs) -> EvalResult:
+def _evaluate(path, text, text_name, token_ids, schemes, tokens, context, device, cache_dir, progress, load_kwargs,
+              exported=()) -> EvalResult:
     from transformers import AutoModelForCausalLM
 
     from .loader import load
@@ -219,6 +225,9 @@ def _evaluate(path, text, text_name, token_ids, schemes, tokens, context, device
         raise Fp8StreamError(f"unknown scheme '{bad[0]}' (choose from {', '.join(SCHEMES)})")
     if tokens < 2:
         raise Fp8StreamError(f"--tokens must be >= 2, got {tokens}")
+    for d in exported:
+        if not (Path(d) / "config.json").is_file():
+            raise CheckpointError(f"{d}: not a checkpoint directory (no config.json)")
     if path is None:
         from .demo import demo_checkpoint
 
@@ -260,19 +269,22 @@ def _evaluate(path, text, text_name, token_ids, schemes, tokens, context, device
     _empty_cache(dev)
 
     results = [bf16]
-    for scheme in schemes:
-        _say(progress, f"{scheme}: loading")
-        model = load(path, device=dev, scheme=scheme, progress=progress, **(load_kwargs or {})).eval()
+    runs = [(scheme, path, scheme) for scheme in schemes] + [(None, Path(d), None) for d in exported]
+    for scheme, load_path, label in runs:
+        _say(progress, f"{label or load_path}: loading")
+        kw = (load_kwargs or {}) if scheme is not None else {}  # an export is read as it was written
+        model = load(load_path, device=dev, scheme=scheme, progress=progress, **kw).eval()
         rep = model.fp8stream_report
+        label = label or f"{load_path} ({rep.scheme})"
         t0 = time.perf_counter()
         stats = _Stats()
         for w, ref in zip(windows, refs):
             lg = _logits(model, w, dev)
             stats.add(lg, w[1:], ref)
             del lg
-        results.append(stats.result(scheme, bf16.perplexity, weight_bytes=rep.final_bytes, load_seconds=rep.load_seconds,
+        results.append(stats.result(label, bf16.perplexity, weight_bytes=rep.final_bytes, load_seconds=rep.load_seconds,
                                     eval_seconds=time.perf_counter() - t0, kept_modules=list(rep.kept_modules)))
-        _say(progress, f"{scheme}: perplexity {results[-1].perplexity:.4f} ({results[-1].ppl_change_pct:+.2f}%)")
+        _say(progress, f"{label}: perplexity {results[-1].perplexity:.4f} ({results[-1].ppl_change_pct:+.2f}%)")
         del model
         _empty_cache(dev)
     return EvalResult(model=model_name, text=text_name, tokens=int(ids.numel()), predicted=stats.n, context=context,
@@ -296,6 +308,6 @@ def run_eval(args) -> int:
     load_kwargs = {"ignore": list(args.ignore)} if args.ignore else None
     res = evaluate(args.path, text=text, text_name=text_name, schemes=args.schemes, tokens=args.tokens, context=args.context,
                    device=args.device, cache_dir=args.cache_dir, progress=not args.json and sys.stderr.isatty(),
-                   load_kwargs=load_kwargs)
+                   load_kwargs=load_kwargs, exported=args.exported or ())
     print(res.to_json() if args.json else res.table())
     return 0

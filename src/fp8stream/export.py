@@ -315,12 +315,20 @@ def export(
     staging_mib: float = 256,
     overwrite: bool = False,
     progress: bool = False,
+    calibrate: str | os.PathLike | None = None,
+    calib_tokens: int = 2048,
+    calib_ids=None,
 ) -> dict:
     """Write the full-precision checkpoint `src_dir` as an FP8 checkpoint in `out_dir` (see the module doc).
 
     `scheme` defaults to fp8_per_channel for compressed-tensors and fp8_per_block for fp8 (the only
     one that format stores). `out_dir` must not exist or be empty, unless `overwrite` (then its
     *.safetensors and index are replaced and other files it has are kept). `src_dir` is only read.
+    `calibrate`: a UTF-8 text file; the FP8 Linears of the decoder layers are then rounded with GPTQ
+    (fp8stream.calibrate) on its first `calib_tokens` tokens instead of to the nearest fp8 value. The
+    scales and every layout stay those of the plain export; only the fp8 values change. `calib_ids`
+    (API only): token ids instead of a text (no tokenizer needed). Use a text other than the one you
+    evaluate on.
     Returns a summary dict. Raises Fp8StreamError (one line) on bad input, before writing anything
     when the fault is visible in the headers; a NaN / Inf found while streaming removes what was written.
     """
@@ -343,6 +351,15 @@ def export(
     if doc.get("quantization_config"):
         qm = doc["quantization_config"].get("quant_method", "?") if isinstance(doc["quantization_config"], dict) else "?"
         raise CheckpointError(f"{src / 'config.json'}: checkpoint is already quantized (quant_method '{qm}'); export needs a full-precision checkpoint")
+    ids = None
+    if calib_ids is not None:
+        ids = torch.as_tensor(calib_ids, dtype=torch.long).reshape(-1)[:calib_tokens]
+        if ids.numel() < 2:
+            raise Fp8StreamError(f"calibration needs at least 2 token ids, got {ids.numel()}")
+    elif calibrate is not None:
+        from .calibrate import calibration_ids
+
+        ids = calibration_ids(src, calibrate, calib_tokens)
     ckpt = Checkpoint(src)
     t0 = time.perf_counter()
     written: list[Path] = []
@@ -364,7 +381,7 @@ def export(
             out_name = next(n for n, m in model.named_modules() if m is out_emb)
             patterns.append(rf"^{re.escape(out_name)}$")
         try:
-            replace_with_fp8(model, scheme, patterns, dtype)
+            fp8_modules, _ = replace_with_fp8(model, scheme, patterns, dtype)
         except Fp8StreamError:
             raise
         except Exception as e:
@@ -377,6 +394,7 @@ def export(
             _clear_checkpoint_files(out)
         exporter = _Exporter(ckpt, scheme, int(staging_mib * 2**20))
         weight_map, total = {}, 0
+        where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> (output file, byte offset, shape)
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(v) for v in shards.values()), desc="fp8stream export", unit="tensor", disable=not progress, leave=False)
@@ -384,7 +402,13 @@ def export(
             path = out / file.name
             written.append(path)
             with open(path, "wb") as f:
-                f.write(_header(entries))
+                head = _header(entries)
+                f.write(head)
+                offset = len(head)
+                for e in entries:
+                    if e.role == "weight":
+                        where[e.name] = (path, offset, e.shape)
+                    offset += e.nbytes
                 pending: torch.Tensor | None = None
                 for e in entries:
                     info = ckpt.tensors[e.key]
@@ -399,6 +423,9 @@ def export(
                     total += e.nbytes
                     bar.update(1)
         bar.close()
+        calibrated = None
+        if ids is not None:
+            calibrated = _calibrate(ckpt, config, scheme, set(fp8_modules), ids, where, dtype, progress)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append(out / "model.safetensors.index.json")
@@ -417,4 +444,22 @@ def export(
         "out_dir": str(out), "format": format, "scheme": scheme, "quantized_tensors": exporter.n_quant,
         "kept_tensors": exporter.n_kept, "bytes_written": total, "shards": len(shards), "ignore": kept_modules,
         "copied_files": copied, "seconds": time.perf_counter() - t0,
+        **({} if ids is None else {"calibration": {"text": None if calibrate is None else str(calibrate), "tokens": int(ids.numel()),
+                                                   "calibrated_modules": len(calibrated)}}),
     }
+
+
+def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor,
+               where: dict[str, tuple[Path, int, tuple]], dtype: torch.dtype, progress: bool) -> list[str]:
+    """GPTQ rounding (calibrate.py) of the decoder Linears, overwriting their plainly rounded fp8 bytes in place."""
+    from .calibrate import calibrate_checkpoint
+
+    def write(key: str, codes: torch.Tensor) -> None:
+        path, offset, shape = where[key]
+        assert tuple(codes.shape) == tuple(shape) and codes.dtype == torch.float8_e4m3fn, key
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            _write(f, codes)
+
+    context = min(int(ids.numel()), getattr(config, "max_position_embeddings", None) or int(ids.numel()))
+    return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, write, dtype, progress)
