@@ -26,14 +26,9 @@ from torch import nn
 
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .modules import FP8Linear
-from .quantize import FP8_DTYPE, FP8_MAX, expand_block_scale, quantize_blocks, scale_from_amax, tensor_amax
+from .quantize import FP8_DTYPE, expand_block_scale, quantize_blocks, round_fp8, scale_from_amax, tensor_amax
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I (GPTQ's percdamp)
-
-
-def round_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Plain rounding: fp8(w / scale) with `scale` broadcastable to w (what quantize_rows does)."""
-    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -97,7 +92,7 @@ def _gptq_columns(W: torch.Tensor, S: torch.Tensor, U: torch.Tensor, block: int)
         E1 = torch.empty(n, i2 - i1)
         for i in range(i2 - i1):
             col, s = W1[:, i], S[:, i1 + i]
-            c = (col / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+            c = round_fp8(col, s).float()
             codes[:, i1 + i] = c
             err = (col - c * s) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]

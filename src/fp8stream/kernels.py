@@ -780,24 +780,20 @@ def _pairs_torch(a: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, ws: torch.
 
 def _grouped(q, s, w, ws, starts, ends, blockwise: bool, c: Caps, out_dtype):
     if c.torch_grouped:
-        return _grouped_torch(q, s, w, ws, starts, ends, blockwise).to(out_dtype)
+        return _grouped_torch(q, s, w, ws, ends, blockwise).to(out_dtype)
     if not blockwise and c.grouped:
         return torch._scaled_grouped_mm(q, w.transpose(-2, -1), scale_a=s.reshape(-1), scale_b=ws, offs=ends,
                                         out_dtype=out_dtype)
     return grouped_gemm(q, s, w, ws, starts, ends, blockwise, out_dtype)
 
 
-def _grouped_torch(q, s, w, ws, starts, ends, blockwise: bool) -> torch.Tensor:
-    """Grouped GEMM as a static loop over all groups (each masked to its rows): no data-dependent
-    shapes, so it traces without graph breaks; O(groups) work, for the CPU under compile and tests."""
+def _grouped_torch(q, s, w, ws, ends, blockwise: bool) -> torch.Tensor:
+    """Grouped GEMM over rows sorted by group ([.., ends[g]) is group g) as _pairs_torch's static masked loop:
+    no data-dependent shapes, so it traces without graph breaks; for the CPU under compile and tests."""
     scheme = "fp8_per_block" if blockwise else "fp8_per_channel"
     a = dequantize_activation(q, s if blockwise else s.reshape(-1, 1), scheme)
-    rows = torch.arange(q.shape[0], device=q.device)
-    out = a.new_zeros(q.shape[0], w.shape[-2])
-    for g in range(w.shape[0]):
-        mask = ((rows >= starts[g]) & (rows < ends[g])).unsqueeze(-1)
-        out = out + torch.where(mask, a @ dequantize(w[g], ws[g], scheme).t(), 0.0)
-    return out
+    group_of_row = torch.searchsorted(ends, torch.arange(q.shape[0], device=q.device, dtype=ends.dtype), right=True)
+    return _pairs_torch(a, group_of_row, w, ws, scheme)
 
 
 def _segment_amax(amax_rows: torch.Tensor, sorted_ids: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -23,6 +23,11 @@ def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return (amax.float() / FP8_MAX).clamp_(min=_TINY)
 
 
+def round_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Plain rounding, fp8(clamp(x / scale)) with `scale` broadcastable to x; x is left as it is."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
 def _to_fp8(x32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # In place on a float32 staging copy: the only extra device memory is the 1-byte result.
     return x32.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
