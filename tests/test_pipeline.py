@@ -191,7 +191,7 @@ def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
     took = []
     real_take = Prefetcher.take
     monkeypatch.setattr(Prefetcher, "take", lambda self, i: took.append(i) or real_take(self, i))
-    piped = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False)
+    piped = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False, prefetch_buffers=2)
     assert len(took) > 20 and took == sorted(took)  # every read came from the pipeline, in schedule order
     for (n, a), (_, b) in zip(plain.state_dict().items(), piped.state_dict().items()):
         a = a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a
@@ -213,7 +213,7 @@ def test_error_in_a_reader_thread_is_clean_and_stops_everything(tmp_path, monkey
 
     monkeypatch.setattr(Checkpoint, "_pread", failing)
     with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj.*Input/output error") as e:
-        fp8stream.load(path, device="cpu", progress=False)
+        fp8stream.load(path, device="cpu", progress=False, prefetch_buffers=2)
     assert "\n" not in str(e.value)
     assert not _fp8stream_threads()  # prefetch thread and reader pool are gone
 
