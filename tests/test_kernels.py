@@ -239,6 +239,14 @@ def test_triton_gemm_in_interpreter(scheme):
     fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
                           m.act_fn, scheme, K.Caps(triton_gemm=True))
     assert _rel(fast, m.reference_forward(x, idx, wts)) < 1e-5
+    # prefill-sized groups (~130 rows each): rowwise schemes take the 64 x 256 tile config, wider than N here
+    x = torch.randn(200, 128)
+    idx, wts = _routing(x.shape[0], 2, 5, used=3)
+    if scheme != "fp8_per_block":
+        assert K._gemm_config(400, 5, 128, 132)[:2] == (64, 256)
+    fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
+                          m.act_fn, scheme, K.Caps(triton_gemm=True))
+    assert _rel(fast, m.reference_forward(x, idx, wts)) < 1e-5
     q, s = _quantize_weight(torch.randn(256, 384), scheme)
     xl = torch.randn(K.GEMV_MAX_M + 5, 384)  # above the decode rule: the W8A8 GEMM
     bias = torch.randn(256)

@@ -27,6 +27,31 @@ def test_rows_roundtrip_and_scale():
     assert _within_fp8(x, dequantize(q, s, "fp8_per_channel"), s.unsqueeze(1).expand_as(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_into_slices_equals_plain_formula(dtype):
+    """The loader's five-kernel path (no clamp when the scale is the row's own amax) gives, bit for bit,
+    fp8(clamp(x / (amax / 448))) and writes only its slice of the final storage; also for rows whose
+    amax sits at the ends of the dtype's range, where x / scale rounds to just above 448."""
+    from fp8stream.quantize import quantize_rows_into, round_fp8, scale_from_amax
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max
+    x = (torch.randn(64, 200, generator=g) * torch.logspace(-30 if dtype == torch.float32 else -6, 4, 64).unsqueeze(1))
+    x = x.clamp(-big, big).to(dtype)
+    x[0, 7], x[1, 3], x[2] = big, -big, 0
+    x[3, :] = torch.finfo(dtype).tiny
+    q_all = torch.full((70, 200), 1.0, dtype=FP8_DTYPE)
+    s_all = torch.full((70,), -1.0)
+    quantize_rows_into(x, q_all[3:67], s_all[3:67])
+    want_s = scale_from_amax(x.float().abs().amax(-1))
+    assert torch.equal(s_all[3:67], want_s)
+    assert torch.equal(q_all[3:67].view(torch.uint8), round_fp8(x, want_s.unsqueeze(-1)).view(torch.uint8))
+    assert q_all[[0, 1, 2, 67, 68, 69]].float().eq(1).all() and s_all[[0, 1, 2, 67, 68, 69]].eq(-1).all()
+    given = torch.full((64,), float(want_s.min()))  # a shared scale smaller than most rows need: clamped
+    q, s = quantize_rows(x, given)
+    assert torch.equal(s, given) and torch.equal(q.view(torch.uint8), round_fp8(x, given.unsqueeze(-1)).view(torch.uint8))
+
+
 def test_zero_rows_and_blocks_get_safe_scales():
     x = torch.randn(300, 260)
     x[5] = 0

@@ -365,19 +365,25 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[index]
 
 
-def _gemm_config(rows: int, groups: int, n: int, sms: int) -> tuple[int, int, int, int]:
-    """BM from the rows per group; BN shrinks (128 -> 64 -> 32) while too few tiles would be active to
-    keep every SM streaming weights (decode: a handful of rows)."""
+def _gemm_config(rows: int, groups: int, n: int, sms: int, blockwise: bool = False) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages). Groups of prefill size (MoE experts, > 64 rows each on average):
+    64 x 256 tiles, 4 stages, the best of a 32-config grid on every Qwen MoE shape at 4096 and 16384 tokens
+    (bench/sweep_grouped.py, H100; 1.2-1.5x faster than 128 x 128 x 3 there; rowwise only: a block-scaled
+    tile must lie within one 128-column scale block). Otherwise BM from the rows per group, and BN shrinks
+    (128 -> 64 -> 32) while too few tiles would be active to keep every SM streaming weights (decode)."""
     avg = rows / max(1, min(groups, rows))
+    if groups > 1 and avg > 64 and not blockwise:
+        return 64, 256, 128, 8, 4
     bm = 16 if avg <= 16 else 32 if avg <= 32 else 64 if avg <= 64 else 128
     active_m = -(-rows // bm) + (min(groups, rows) if groups > 1 else 0)
     bn = 128
     while bn > 32 and active_m * -(-n // bn) < sms:
         bn //= 2
-    return bm, bn, 4 if bm <= 32 else 8, 3  # BM, BN, num_warps, num_stages
+    return bm, bn, 128, 4 if bm <= 32 else 8, 3
 
 
-def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, out_dtype) -> torch.Tensor:
+def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, out_dtype,
+                 config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     tk = triton_kernels()
     rows, k = a.shape
     grouped = b.dim() == 3
@@ -386,7 +392,7 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
     out = torch.empty(rows, n, device=a.device, dtype=out_dtype)
     if rows == 0:
         return out
-    bm, bn, warps, stages = _gemm_config(rows, e, n, _sm_count(a.device))
+    bm, bn, bk, warps, stages = config or _gemm_config(rows, e, n, _sm_count(a.device), blockwise)
     if grouped:
         tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
         tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
@@ -409,7 +415,7 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
         sb.stride(0), sb.stride(1), sb.stride(2),
         out.stride(0),
         GROUPED=grouped, BLOCKWISE=blockwise, HAS_BIAS=bias is not None,
-        BM=bm, BN=bn, BK=128, E_P2=_pow2(e), num_warps=warps, num_stages=stages)
+        BM=bm, BN=bn, BK=bk, E_P2=_pow2(e), num_warps=warps, num_stages=stages)
     return out
 
 
@@ -706,7 +712,7 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
         qx, sx = _quant_torch(x[token_of], "row")
 
     # _scaled_grouped_mm writes bf16 only; the Triton / torch GEMMs write the model dtype
-    use_scaled = c.grouped and not block and not c.torch_grouped
+    use_scaled = c.grouped and not block and not c.torch_grouped and not c.triton_gemm
     out_dtype = torch.bfloat16 if use_scaled or x.dtype not in _DTYPES.values() else x.dtype
     gate_up = _grouped(qx, sx, w1, s1, starts, ends, block, c, out_dtype)
 
@@ -781,7 +787,9 @@ def _pairs_torch(a: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, ws: torch.
 def _grouped(q, s, w, ws, starts, ends, blockwise: bool, c: Caps, out_dtype):
     if c.torch_grouped:
         return _grouped_torch(q, s, w, ws, ends, blockwise).to(out_dtype)
-    if not blockwise and c.grouped:
+    # torch._scaled_grouped_mm only without Triton: on the H100 it was 1.2-2.5x slower than the Triton grouped
+    # GEMM on the Qwen MoE expert shapes at 4096-16384 tokens (bench/sweep_grouped.py)
+    if not blockwise and c.grouped and not c.triton_gemm:
         return torch._scaled_grouped_mm(q, w.transpose(-2, -1), scale_a=s.reshape(-1), scale_b=ws, offs=ends,
                                         out_dtype=out_dtype)
     return grouped_gemm(q, s, w, ws, starts, ends, blockwise, out_dtype)

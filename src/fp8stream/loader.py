@@ -29,7 +29,7 @@ from .memory import MemoryLedger, Sampler
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
 from .pipeline import Prefetcher, Request, host_view, read_now, row_bytes
 from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, replace_with_fp8, sensitive_modules
-from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
+from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
 from .report import LoadReport
 
 log = logging.getLogger("fp8stream")
@@ -38,8 +38,8 @@ log = logging.getLogger("fp8stream")
 # and routing decisions are sensitive); the output embedding is added by name at load time.
 DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
 # Device bytes per staged element besides the source chunk itself, measured on an H100 with
-# bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the row amax comes from aminmax
-# in the source dtype), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
+# bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the loader now writes the fp8
+# result straight into the final weight, so 4 are used and 5 stay budgeted), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
 # abs() in bf16 + three bool masks).
 _STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3}
 # Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
@@ -367,15 +367,15 @@ def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, 
             q, bs = quantize_blocks(x)
             lead, r0 = divmod(d0, n)
             s.view(-1, *s.shape[-2:])[lead, r0 // BLOCK : r0 // BLOCK + bs.shape[0]] = bs
+            w_flat[d0:d1] = q
+            del q
         else:
             row_scale = _row_scales(t.plan, shard_scales, d0, d1, device) if shard_scales is not None else None
             if row_scale is None and t.plan is not None and t.plan.cols is not None:
                 # columns split over ranks: a row's scale is the amax over the whole row, as on one device
                 row_scale = scale_from_amax(_all_max(x.abs().amax(dim=-1).float(), t.group))
-            q, rs = quantize_rows(x, row_scale)
-            s.view(-1)[d0:d1] = rs
-        w_flat[d0:d1] = q
-        del x, q
+            quantize_rows_into(x, w_flat[d0:d1], s.view(-1)[d0:d1], row_scale)
+        del x
         ledger.unstage(staged)
     t.module._parameters[t.attr] = nn.Parameter(w, requires_grad=False)
     t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)

@@ -36,13 +36,28 @@ def _to_fp8(x32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per row of a 2-D tensor (or the given per-row scales, e.g. one per checkpoint shard).
 
-    Returns (fp8 rows, float32 scales of shape [rows]). `x` may be consumed (it is staging memory).
+    Returns (fp8 rows, float32 scales of shape [rows]).
     """
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    quantize_rows_into(x, q, s, row_scale)
+    return q, s
+
+
+def quantize_rows_into(x: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor,
+                       row_scale: torch.Tensor | None = None) -> None:
+    """quantize_rows writing straight into q_out (fp8, x's shape) and s_out (float32 [rows]), e.g. slices of
+    the final weight and scales: five kernels and one float32 temporary, because the loader runs this once
+    per chunk on a thread that competes for the GIL (every kernel launch is a GIL hand-off)."""
     if row_scale is None:
-        # max(|min|, |max|) in the source dtype: exact (max never rounds), no full-size temporary
-        lo, hi = torch.aminmax(x, dim=-1)
-        row_scale = scale_from_amax(torch.maximum(hi, -lo))
-    return _to_fp8(x.float(), row_scale.unsqueeze(-1)), row_scale
+        # amax in float32 of the exact source values (abs and max never round)
+        torch.linalg.vector_norm(x, float("inf"), dim=-1, dtype=torch.float32, out=s_out)
+        s_out.div_(FP8_MAX).clamp_(min=_TINY)  # = scale_from_amax
+        # |x| <= amax, so |x / scale| <= 448 * (1 + 2^-23), which rounds to 448: no clamp needed
+        q_out.copy_(torch.div(x, s_out.unsqueeze(-1)))
+    else:
+        s_out.copy_(row_scale)
+        q_out.copy_(torch.div(x, s_out.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX))
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
