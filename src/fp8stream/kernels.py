@@ -12,9 +12,10 @@ only faster:
   fp8_per_channel/tensor   torch._scaled_mm rowwise, bias and bf16 output in the GEMM                  dequantize + matmul
   fp8_per_block Linear     F.scaled_mm BlockWise1x128 x BlockWise128x128 when this torch/GPU accepts
                            it (self-test once per device), else the Triton blockwise GEMM             dequantize + matmul
-  MoE per-channel/tensor   sort by expert, torch._scaled_grouped_mm for gate_up and down, routing weight
-                           folded into the down GEMM's row scales, combine by index_copy + sum        per-expert loop
-  MoE per-block            the same with the Triton grouped blockwise GEMM
+  MoE per-channel/tensor   sort by expert, the Triton grouped GEMM for gate_up and down (without Triton:
+                           torch._scaled_grouped_mm), routing weight folded into the down GEMM's row
+                           scales, combine by index_copy + sum                                         per-expert loop
+  MoE per-block            the same with block scales in the Triton grouped GEMM
   Linear, <= GEMV_MAX_M    (decode) no activation quantization: the Triton GEMM widens the FP8 weight    dequantize + matmul
   rows (16)                in registers (W8A16), one kernel (one row: CUDA cores; more: tensor cores);
                            a custom op under compile

@@ -5,7 +5,7 @@ Weights are float8_e4m3fn with float32 scales:
   shard, broadcast over that shard's rows, so fused q/k/v or gate/up never share a scale);
   fp8_per_block: `weight_scale` [..., ceil(N/128), ceil(K/128)].
 On CUDA the forward runs the fast paths of kernels.py (fused dynamic activation quantization, FP8
-GEMMs: torch._scaled_mm, blockwise F.scaled_mm / Triton, torch._scaled_grouped_mm for MoE experts);
+GEMMs: torch._scaled_mm, blockwise F.scaled_mm / Triton, the Triton grouped GEMM for MoE experts);
 everything else (CPU, shapes no kernel takes) runs a reference path that dequantizes the fp8 operands
 and multiplies in float32. Both compute the same function.
 """
