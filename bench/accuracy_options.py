@@ -14,8 +14,10 @@ the per-type / per-layer sensitivity). Prints one JSON line per option: ppl, ref
 change), top1 (agreement with bf16), kl (mean KL(bf16 || option), nats).
 
 Calibrated options (GPTQ rounding of the same per-channel fp8 weights, fp8stream.calibrate, layer by layer on
---calib-text, default the GPL-3 text, which does not overlap the eval text): gptq_token (W8A8 per token, the
-default's activations), gptq_w8a16, gptq_noorder_token, gptq_damp0.1_token, gptq_fp8x2 (activations as fp8 hi +
+--calib-text, default the GPL-3 text, which does not overlap the eval text; --calib-tokens in windows of
+--calib-context, defaults those of export --calibrate): gptq_token (W8A8 per token, the default's activations,
+damping calibrate.DAMP = 0.1), gptq_w8a16, gptq_noorder_token (no act-order), gptq_damp0.1_token,
+gptq_damp0.01_token (the damping before 2026-11-26 session 5), gptq_fp8x2 (activations as fp8 hi +
 fp8 residual), gptq_group128 (1x128 activation groups), gptq_smooth0.5_token (SmoothQuant alpha 0.5 + GPTQ),
 smooth0.5_token, fp8x2 (no GPTQ); any of them + "+keep_layers:0,29" keeps those decoder layers in bf16.
 """
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fp8stream.calibrate import CALIB_CONTEXT, CALIB_TOKENS
 from fp8stream.demo import demo_checkpoint
 from fp8stream.quantize import FP8_DTYPE, FP8_MAX, dequantize_activation, quantize_activation, quantize_rows, scale_from_amax
 
@@ -92,6 +95,7 @@ GPTQ = {
     "gptq_w8a16": dict(act="none"),
     "gptq_noorder_token": dict(act="fp8_per_channel", act_order=False),
     "gptq_damp0.1_token": dict(act="fp8_per_channel", damp=0.1),
+    "gptq_damp0.01_token": dict(act="fp8_per_channel", damp=0.01),
     "gptq_fp8x2": dict(act="fp8x2"),
     "gptq_group128": dict(act="fp8_per_block"),
     "gptq_smooth0.5_token": dict(act="fp8_per_channel", smooth=0.5),
@@ -183,8 +187,8 @@ def main():
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--calib-text", default="/usr/share/common-licenses/GPL-3",
                     help="calibration text of the gptq_* options (must not overlap the eval text; default: the GPL-3)")
-    ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--calib-context", type=int, default=2048, help="calibration window length")
+    ap.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
+    ap.add_argument("--calib-context", type=int, default=CALIB_CONTEXT, help="calibration window length")
     args = ap.parse_args()
     ckpt = demo_checkpoint(args.cache_dir)
     tok = AutoTokenizer.from_pretrained(str(ckpt))
@@ -222,7 +226,8 @@ def main():
             t_cal = time.time()
             with torch.no_grad():
                 n_fp8 = calibrated(m, name, list(calib.split(args.calib_context, dim=1)))
-            cal_info = dict(calib_text=args.calib_text, calib_tokens=calib.shape[1], calib_seconds=round(time.time() - t_cal, 1))
+            cal_info = dict(calib_text=args.calib_text, calib_tokens=calib.shape[1], calib_context=args.calib_context,
+                            calib_seconds=round(time.time() - t_cal, 1))
         else:
             m = copy.deepcopy(model)
             n_fp8 = apply(m, *option(name))

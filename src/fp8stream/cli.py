@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from .calibrate import CALIB_CONTEXT, CALIB_TOKENS
 from .quantize import SCHEMES
 
 
@@ -61,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     x.add_argument("--calibrate", default=None, metavar="FILE",
                    help="GPTQ-round the decoder Linears on this UTF-8 text (same scales and layout; ACCURACY.md)")
-    x.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens of --calibrate's text (default 2048)")
+    x.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
+                   help=f"calibration tokens of --calibrate's text, in windows of {CALIB_CONTEXT} (default {CALIB_TOKENS})")
     e = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of FP8 schemes against the bf16 model on a text")
     e.add_argument("path", nargs="?", default=None, help="checkpoint directory (default: the demo's SmolLM2-135M-Instruct)")
     e.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to stream (default: the English text shipped in the package)")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .calibrate import CALIB_CONTEXT, CALIB_TOKENS
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import build_meta_model, build_plan
@@ -316,7 +317,7 @@ def export(
     overwrite: bool = False,
     progress: bool = False,
     calibrate: str | os.PathLike | None = None,
-    calib_tokens: int = 2048,
+    calib_tokens: int = CALIB_TOKENS,
     calib_ids=None,
 ) -> dict:
     """Write the full-precision checkpoint `src_dir` as an FP8 checkpoint in `out_dir` (see the module doc).
@@ -325,7 +326,7 @@ def export(
     one that format stores). `out_dir` must not exist or be empty, unless `overwrite` (then its
     *.safetensors and index are replaced and other files it has are kept). `src_dir` is only read.
     `calibrate`: a UTF-8 text file; the FP8 Linears of the decoder layers are then rounded with GPTQ
-    (fp8stream.calibrate) on its first `calib_tokens` tokens instead of to the nearest fp8 value. The
+    (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of 2048) instead of to the nearest fp8 value. The
     scales and every layout stay those of the plain export; only the fp8 values change. `calib_ids`
     (API only): token ids instead of a text (no tokenizer needed). Use a text other than the one you
     evaluate on.
@@ -461,5 +462,5 @@ def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids
             f.seek(offset)
             _write(f, codes)
 
-    context = min(int(ids.numel()), getattr(config, "max_position_embeddings", None) or int(ids.numel()))
+    context = min(int(ids.numel()), getattr(config, "max_position_embeddings", None) or int(ids.numel()), CALIB_CONTEXT)
     return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, write, dtype, progress)
