@@ -133,6 +133,55 @@ def test_prefetcher_reads_several_items_at_once_in_small_parts(two_tensor_ckpt, 
     assert not _fp8stream_threads()
 
 
+class _FakeCudart:
+    """Records what the pool registers / unregisters with CUDA (no GPU needed); `fail` makes register fail."""
+
+    def __init__(self, fail=False):
+        self.fail, self.registered, self.unregistered = fail, [], []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.registered.append((ptr, size))
+        return 1 if self.fail else 0
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_pinned_pool_registers_its_pages_and_unregisters_on_close(two_tensor_ckpt, monkeypatch, fail):
+    """A pinned pool buffer is ordinary memory whose pages are touched and then registered with CUDA (exactly its
+    bytes, once per buffer); close() unregisters each one after the reads are done. If registering fails, the
+    buffer comes from cudaHostAlloc (pin_memory=True) instead and nothing is unregistered."""
+    ckpt, ref = two_tensor_ckpt
+    fake = _FakeCudart(fail)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    real_empty, pinned_allocs = torch.empty, []
+
+    def empty(*args, pin_memory=False, **kw):  # no GPU here: a pinned allocation is recorded, then made pageable
+        if pin_memory:
+            pinned_allocs.append(args)
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    reqs = [Request((("a", i, i + 16),), torch.bfloat16, 16 * 48 * 2) for i in range(0, 64, 16)]
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=True)
+    for i, req in enumerate(reqs):
+        buf, slot = pf.take(i)
+        assert torch.equal(host_view(ckpt, req, buf), ref["a"][i * 16 : i * 16 + 16]), i
+        pf.release(slot, None)
+    ptrs = [b.data_ptr() for b in pf._bufs]
+    pf.close()
+    ckpt.close()
+    assert [size for _, size in fake.registered] == [16 * 48 * 2] * 2
+    if fail:
+        assert len(pinned_allocs) == 2 and fake.unregistered == []
+    else:
+        assert [ptr for ptr, _ in fake.registered] == ptrs and sorted(fake.unregistered) == sorted(ptrs)
+        assert pinned_allocs == [] and pf._registered == []
+    assert not _fp8stream_threads()
+
+
 def test_prefetcher_advises_the_kernel_ahead_of_reading(two_tensor_ckpt, monkeypatch):
     """Cold disks: every whole-row item is advised (POSIX_FADV_WILLNEED) no later than it is read, in
     schedule order; column slices (another rank's bytes in between) are not."""
