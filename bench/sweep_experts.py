@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infer import _quantize_weight  # noqa: E402
-from sweep_gemv import time_graph  # noqa: E402
+from sweep_gemv import best_config, time_graph  # noqa: E402
 
 from fp8stream import kernels as K  # noqa: E402
 
@@ -79,21 +79,8 @@ def main(argv=None) -> int:
                                 for w, d, rw in zip(layers, ids, rws)]
                     rec[f"{kern}_default_config"] = K._gemv1_config(n, k)
                     rec[f"{kern}_default_us"] = time_graph(run(None))
-                    best = None
-                    for cfg in [] if args.no_grid else grid:
-                        if scheme == "fp8_per_block" and 128 % cfg[0]:
-                            continue
-                        try:
-                            y = run(cfg)[0]().float()
-                            ref = ref_gu if kern == "gate_up" else ref_dn
-                            if float((y - ref).norm() / ref.norm()) > 1e-2:
-                                raise RuntimeError("wrong result")
-                            us = time_graph(run(cfg), reps=2)
-                        except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                            print(f"  {kern} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-                            continue
-                        if best is None or us < best[0]:
-                            best = (us, cfg)
+                    configs = [] if args.no_grid else [cfg for cfg in grid if not (scheme == "fp8_per_block" and 128 % cfg[0])]
+                    best = best_config(configs, run, ref_gu if kern == "gate_up" else ref_dn, 1e-2, kern)
                     if best:
                         rec[f"{kern}_best_us"], rec[f"{kern}_best_config"] = best
                 print(json.dumps(rec), flush=True)

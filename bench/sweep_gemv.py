@@ -55,6 +55,26 @@ def time_graph(fns, reps: int = 3) -> float:
     return a.elapsed_time(b) * 1e3 / (5 * reps * len(fns))
 
 
+def best_config(configs, fns_of, ref: torch.Tensor, tol: float, label: str = "", reps: int = 2):
+    """(µs, config) of the fastest config whose first call matches ref (relative error <= tol), timed with
+    time_graph over fns_of(config); configs that do not compile or compute wrongly are printed and skipped.
+    None when no config works."""
+    best = None
+    for cfg in configs:
+        try:
+            fns = fns_of(cfg)
+            err = float((fns[0]().float() - ref).norm() / ref.norm())
+            if err > tol:
+                raise RuntimeError(f"wrong result: rel err {err:.3g}")
+            us = time_graph(fns, reps=reps)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"  {label} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if best is None or us < best[0]:
+            best = (us, cfg)
+    return best
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -104,22 +124,10 @@ def main(argv=None) -> int:
                         continue
                     fn = launch[kern]
                     rec[f"{kern}_default_us"] = time_graph([lambda q=q, s=s: fn(x, q, s, None, scheme) for q, s in ws])
-                    best = None
-                    for cfg in [] if args.no_grid else (grid1 if kern == "gemv1" else grid):
-                        bn, bk, warps, stages = cfg
-                        if scheme == "fp8_per_block" and bk != 128:
-                            continue
-                        try:
-                            y = fn(x, *ws[0], None, scheme, cfg)
-                            err = float((y.float() - ref).norm() / ref.norm())
-                            if err > 0.06:
-                                raise RuntimeError(f"wrong result: rel err {err:.3g}")
-                            us = time_graph([lambda q=q, s=s: fn(x, q, s, None, scheme, cfg) for q, s in ws], reps=2)
-                        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                            us = None
-                            print(f"  {kern} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                        if us is not None and (best is None or us < best[0]):
-                            best = (us, cfg)
+                    configs = [] if args.no_grid else (grid1 if kern == "gemv1" else grid)
+                    configs = [cfg for cfg in configs if not (scheme == "fp8_per_block" and cfg[1] != 128)]
+                    best = best_config(configs, lambda cfg: [lambda q=q, s=s: fn(x, q, s, None, scheme, cfg) for q, s in ws],
+                                       ref, 0.06, kern)
                     if best:
                         rec[f"{kern}_best_us"], rec[f"{kern}_best_config"] = best
                 rec["floor_us"] = n * k / hbm  # FP8 weight bytes at the card's HBM bandwidth

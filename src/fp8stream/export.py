@@ -326,7 +326,7 @@ def export(
     one that format stores). `out_dir` must not exist or be empty, unless `overwrite` (then its
     *.safetensors and index are replaced and other files it has are kept). `src_dir` is only read.
     `calibrate`: a UTF-8 text file; the FP8 Linears of the decoder layers are then rounded with GPTQ
-    (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of 2048) instead of to the nearest fp8 value. The
+    (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of calibrate.CALIB_CONTEXT) instead of to the nearest fp8 value. The
     scales and every layout stay those of the plain export; only the fp8 values change. `calib_ids`
     (API only): token ids instead of a text (no tokenizer needed). Use a text other than the one you
     evaluate on.

@@ -368,9 +368,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _gemm_config(rows: int, groups: int, n: int, sms: int, blockwise: bool = False) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages). Groups of prefill size (MoE experts, > 64 rows each on average):
-    64 x 256 tiles, 4 stages, the best of a 32-config grid on every Qwen MoE shape at 4096 and 16384 tokens
-    (bench/sweep_grouped.py, H100; 1.2-1.5x faster than 128 x 128 x 3 there; rowwise only: a block-scaled
-    tile must lie within one 128-column scale block). Otherwise BM from the rows per group, and BN shrinks
+    64 x 256 tiles, 4 stages, the best of a 32-config grid on 7 of the 8 Qwen MoE expert GEMMs at 4096 and
+    16384 tokens (bench/sweep_grouped.py, H100; 1.2-1.4x faster than 128 x 128 x 3 there; rowwise only: a
+    block-scaled tile must lie within one 128-column scale block). Otherwise BM from the rows per group, and BN shrinks
     (128 -> 64 -> 32) while too few tiles would be active to keep every SM streaming weights (decode)."""
     avg = rows / max(1, min(groups, rows))
     if groups > 1 and avg > 64 and not blockwise:
@@ -788,8 +788,8 @@ def _pairs_torch(a: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, ws: torch.
 def _grouped(q, s, w, ws, starts, ends, blockwise: bool, c: Caps, out_dtype):
     if c.torch_grouped:
         return _grouped_torch(q, s, w, ws, ends, blockwise).to(out_dtype)
-    # torch._scaled_grouped_mm only without Triton: on the H100 it was 1.2-2.5x slower than the Triton grouped
-    # GEMM on the Qwen MoE expert shapes at 4096-16384 tokens (bench/sweep_grouped.py)
+    # torch._scaled_grouped_mm only without Triton: on the H100 it was slower than the Triton grouped GEMM on
+    # 13 of 14 Qwen MoE expert GEMMs from 16 to 16384 tokens, up to 2.4x (bench/sweep_grouped.py)
     if not blockwise and c.grouped and not c.triton_gemm:
         return torch._scaled_grouped_mm(q, w.transpose(-2, -1), scale_a=s.reshape(-1), scale_b=ws, offs=ends,
                                         out_dtype=out_dtype)

@@ -38,9 +38,9 @@ log = logging.getLogger("fp8stream")
 # and routing decisions are sensitive); the output embedding is added by name at load time.
 DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
 # Device bytes per staged element besides the source chunk itself, measured on an H100 with
-# bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the loader now writes the fp8
-# result straight into the final weight, so 4 are used and 5 stay budgeted), 128x128 blocks 9 (+ the per-element float32 scale), a kept chunk 5 (isfinite:
-# abs() in bf16 + three bool masks).
+# bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the fp8 result now goes straight
+# into the final weight, so 4 are used and 5 stay budgeted), 128x128 blocks 9 (+ the per-element float32
+# scale), a kept chunk 5 (isfinite: abs() in bf16 + three bool masks).
 _STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3}
 # Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
 # torch.cuda.max_memory_allocated counts and the report's tensor bytes do not (27 MiB on Qwen1.5-MoE).

@@ -47,8 +47,8 @@ def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> tup
 def quantize_rows_into(x: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor,
                        row_scale: torch.Tensor | None = None) -> None:
     """quantize_rows writing straight into q_out (fp8, x's shape) and s_out (float32 [rows]), e.g. slices of
-    the final weight and scales: five kernels and one float32 temporary, because the loader runs this once
-    per chunk on a thread that competes for the GIL (every kernel launch is a GIL hand-off)."""
+    the loader's final weight and scales: no fp8 temporary and no copy into the final storage afterwards
+    (five kernels, one float32 temporary)."""
     if row_scale is None:
         # amax in float32 of the exact source values (abs and max never round)
         torch.linalg.vector_norm(x, float("inf"), dim=-1, dtype=torch.float32, out=s_out)
