@@ -136,12 +136,12 @@ class Checkpoint:
         each row are read (one positional read per row segment; a rank of a tensor-parallel load reads no
         byte of another rank's columns), packed row after row.
         """
-        jobs = []
+        jobs, runs = [], []  # runs: (tensor infos, file offset, first `out`, bytes) of contiguous ranges
         for key, start, stop, out, *rest in reads:
             info = self.tensors[key]
             cols = rest[0] if rest else None
-            view = memoryview(out.numpy())
             if cols is not None:
+                view = memoryview(out.numpy())
                 seg = (cols[1] - cols[0]) * info.dtype.itemsize
                 if out.numel() != (stop - start) * seg:
                     raise ValueError(f"buffer of {out.numel()} bytes for {(stop - start) * seg} bytes of '{key}'")
@@ -161,8 +161,19 @@ class Checkpoint:
             nbytes = (stop - start) * info.row_bytes
             if out.numel() != nbytes:
                 raise ValueError(f"buffer of {out.numel()} bytes for {nbytes} bytes of '{key}'")
+            last = runs[-1] if runs else None
+            if (last is not None and last[0][-1].file == info.file and last[1] + last[3] == begin
+                    and last[2].untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                    and last[2].data_ptr() + last[3] == out.data_ptr()):
+                # the next bytes of the same file into the next bytes of the same buffer (e.g. an expert's
+                # gate_proj then up_proj, fused into one gate_up parameter): one range, fewer reads
+                runs[-1] = (last[0] + (info,), last[1], last[2], last[3] + nbytes)
+            else:
+                runs.append(((info,), begin, out, nbytes))
+        for infos, begin, out, nbytes in runs:
+            view = memoryview(out.as_strided((nbytes,), (1,)).numpy())  # the run's bytes of the buffer
             for part in range(0, nbytes, part_size):
-                jobs.append((self._pread, info, begin + part, view[part : min(part + part_size, nbytes)]))
+                jobs.append((self._pread, infos if len(infos) > 1 else infos[0], begin + part, view[part : part + part_size]))
         return jobs
 
     def submit(self, job: tuple):
@@ -233,16 +244,19 @@ class Checkpoint:
             except OSError:
                 return  # advice only
 
-    def _pread(self, info: TensorInfo, offset: int, view: memoryview) -> None:
-        fd = self._fd(info)
+    def _pread(self, info: TensorInfo | tuple[TensorInfo, ...], offset: int, view: memoryview) -> None:
+        """Fill `view` from file offset `offset`; `info` is the tensor read, or the tensors of a range of
+        several adjacent ones (the error then names the one the failing byte belongs to)."""
+        first = info[0] if isinstance(info, tuple) else info
+        fd = self._fd(first)
         done = 0
         while done < len(view):
             try:
                 n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as e:
-                raise CheckpointError(f"{info.file}: cannot read tensor '{info.key}' ({e.strerror or e})") from None
+                raise CheckpointError(f"{first.file}: cannot read tensor '{_key_at(info, offset + done)}' ({e.strerror or e})") from None
             if n == 0:
-                raise CheckpointError(f"{info.file}: ends inside tensor '{info.key}' (file truncated while loading?)")
+                raise CheckpointError(f"{first.file}: ends inside tensor '{_key_at(info, offset + done)}' (file truncated while loading?)")
             done += n
 
     def read_rows(self, key: str, start: int, stop: int, cols: tuple[int, int] | None = None) -> torch.Tensor:
@@ -347,3 +361,9 @@ def _read_header(file: Path) -> list[TensorInfo]:
     if spans and (spans[-1][1] != data_size or covered != data_size):
         raise CheckpointError(f"{file}: data section is {data_size} bytes but tensors cover {covered} (truncated or padded file)")
     return infos
+
+
+def _key_at(info: TensorInfo | tuple[TensorInfo, ...], pos: int) -> str:
+    """The key of the tensor (of a range of adjacent ones) holding file byte `pos`."""
+    infos = info if isinstance(info, tuple) else (info,)
+    return next((i.key for i in infos if i.offset <= pos < i.offset + i.nbytes), infos[-1].key)

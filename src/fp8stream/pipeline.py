@@ -117,6 +117,7 @@ class Prefetcher:
         with self._cond:
             self._in_flight -= 1
             error = future.exception()
+            wake = error is not None or self._in_flight == 0  # take() / close() have something to see
             if error is not None:
                 self._error = self._error or error
             else:
@@ -124,7 +125,9 @@ class Prefetcher:
                 if self._left[i] == 0:
                     del self._left[i]
                     self._ready[i] = slot
-            self._cond.notify_all()
+                    wake = True
+            if wake:  # not on every part: a woken loader thread only competes with the readers for the GIL
+                self._cond.notify_all()
 
     def take(self, i: int) -> tuple[torch.Tensor, int]:
         """The filled buffer of schedule item i (blocks until it is read), and its slot."""
