@@ -269,6 +269,35 @@ def test_cuda_matches_cpu(checkpoints, arch, scheme):
     assert _rel(lg, ref(ids).logits) < LOGIT_REL_BOUND
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
+def test_cuda_kernel_warmup_thread_ends_with_the_load(checkpoints, tmp_path, monkeypatch):
+    """The kernel warm-up runs on its own thread during the setup (loader._KernelWarmup), also for fp16 and
+    fp32 sources and the block scheme; it has ended when load returns, and when a load fails in its setup."""
+    import threading
+
+    from fp8stream import loader
+
+    runs = []
+    real = loader._KernelWarmup._run
+    monkeypatch.setattr(loader._KernelWarmup, "_run", lambda self: runs.append(self._args[1:]) or real(self))
+    for dtype, scheme in ((torch.bfloat16, "fp8_per_channel"), (torch.float16, "fp8_per_block"), (torch.float32, "fp8_per_tensor")):
+        path, _ = checkpoints("llama", dtype=dtype)
+        fp8stream.load(path, device="cuda", scheme=scheme, progress=False)
+        assert runs[-1][0] == dtype and runs[-1][2] == scheme
+        assert not [t for t in threading.enumerate() if t.name == "fp8stream-warmup"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    path, _ = checkpoints("llama")
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = (bad / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 1')
+    (bad / "config.json").write_text(cfg)
+    with pytest.raises(fp8stream.Fp8StreamError, match="unexpected tensor"):
+        fp8stream.load(bad, device="cuda", progress=False)
+    assert len(runs) == 4
+    assert not [t for t in threading.enumerate() if t.name == "fp8stream-warmup"]
+
+
 def test_too_little_free_memory_fails_before_reading(checkpoints, monkeypatch):
     """final + staging > free: one error with both numbers, and not a byte of weights read."""
     from fp8stream import loader, memory

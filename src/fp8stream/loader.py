@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -563,6 +564,50 @@ def _load_prequantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedge
     t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
 
 
+class _KernelWarmup:
+    """Runs, on a side thread and on tiny tensors, the device work the load does per chunk (a pinned
+    host-to-device copy on a side stream, the quantization or full-precision kernels for this source dtype),
+    while the loader thread builds the model and the plan.
+
+    Why: the first launch of each of these kernels in a process loads its module into the CUDA context
+    (lazy module loading): 0.12-0.31 s for the first row quantization alone on the H100, against 0.4-0.8 ms
+    afterwards (scratch measurement of session 6, BENCHMARKS.md). torch releases the GIL while it launches,
+    so this overlaps the Python-bound setup instead of stalling the first chunks of the stream. Best effort:
+    any error here is left for the real load to meet and report."""
+
+    def __init__(self, device: torch.device, src_dtype: torch.dtype, dtype: torch.dtype, scheme: str):
+        self._args = (device, src_dtype, dtype, scheme)
+        self._thread = threading.Thread(target=self._run, name="fp8stream-warmup", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        device, src_dtype, dtype, scheme = self._args
+        try:
+            torch.cuda.set_device(device)
+            host = torch.ones(64, 2048, dtype=src_dtype, pin_memory=True)  # a real width: the same kernel variants
+            side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+            with torch.cuda.stream(side):
+                x = host.to(device, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(side)
+            compute.wait_event(copied)
+            x.record_stream(compute)
+            q, s = torch.empty(64, 2048, dtype=FP8_DTYPE, device=device), torch.empty(64, device=device)
+            if scheme == "fp8_per_block":
+                quantize_blocks(x)
+            else:
+                quantize_rows_into(x, q, s)
+                quantize_rows_into(x, q, s, scale_from_amax(tensor_amax(x)).expand(64))
+            kept = torch.empty(64, 2048, dtype=dtype, device=device)
+            kept.copy_(x)
+            torch.stack([torch.isfinite(kept).all(), torch.isfinite(s).all()]).all().item()
+        except Exception as e:  # pragma: no cover - best effort, see the docstring
+            log.debug("kernel warm-up: %s", e)
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 def _without_gc(fn):
     """Run fn with the cyclic garbage collector paused: a full collection walks every Python object (about
     0.2 s once a 19k-tensor checkpoint's headers and plan exist) and lands at random inside the load; a
@@ -639,61 +684,68 @@ def load(
     ckpt = Checkpoint(path, read_threads=read_threads) if load_format == "auto" else None
     if ckpt is not None:
         ckpt.check_index()
-
-    try:
-        model = build_meta_model(config, dtype)
-    except Fp8StreamError:
-        raise
-    except Exception as e:  # config values transformers' validation lets through (negative sizes, unknown rope type...)
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path / 'config.json'}: cannot build the {config.model_type} model it describes ({type(e).__name__}: {first})") from None
-    src_itemsize = dtype.itemsize
+    src_dtype = dtype
     if ckpt is not None:
-        float_sizes = [i.dtype.itemsize for i in ckpt.tensors.values() if i.dtype.is_floating_point and i.dtype.itemsize > 1]
-        src_itemsize = max(set(float_sizes), key=float_sizes.count) if float_sizes else dtype.itemsize
-    full_precision = sum(p.numel() for p in model.parameters()) * src_itemsize
-    plans = build_plan(model, ckpt, scale_suffix=pre[1] if pre else None) if ckpt is not None else None
-
-    ignore = list(DEFAULT_IGNORE) + list(ignore)
-    out_emb = model.get_output_embeddings()
-    if out_emb is not None:
-        out_name = next(n for n, m in model.named_modules() if m is out_emb)
-        ignore.append(rf"^{out_name}$")
-    if pre is not None and plans is not None:
-        ignore += _full_precision_modules(model, plans, ckpt)
-    sensitive = sensitive_modules(model) if keep_sensitive else []
-    ignore += [rf"^{re.escape(n)}$" for n in sensitive]
+        float_dtypes = [i.dtype for i in ckpt.tensors.values() if i.dtype.is_floating_point and i.dtype.itemsize > 1]
+        src_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else dtype
+    warmup = _KernelWarmup(dev, src_dtype, dtype, scheme) if dev.type == "cuda" else None
     try:
-        quantized, kept_modules = replace_with_fp8(model, scheme, ignore, dtype)
-    except Exception as e:
-        if isinstance(e, Fp8StreamError):
+        try:
+            model = build_meta_model(config, dtype)
+        except Fp8StreamError:
             raise
-        raise Fp8StreamError(f"--ignore: {e}") from None
-    layout = None
-    if group is not None:
-        if pre is not None:
-            raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
-        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-        layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
-        shard_meta(model, layout)
-        if plans is not None:
-            plans = {name: local_plan(plan, layout.shards.get(name)) for name, plan in plans.items()}
-    targets = _targets(model, plans)
-    if layout is not None:
-        for t in targets:
-            t.group = group.group
-    scales = _check_prequantized(targets, ckpt, scheme, pre[1]) if pre is not None and ckpt is not None else {}
-    final_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
-    staging = int(staging_mib * 2**20)
-    ledger = MemoryLedger(dev, staging)
-    ledger.check_fits(final_bytes)
+        except Exception as e:  # config values transformers' validation lets through (negative sizes, unknown rope type...)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"{path / 'config.json'}: cannot build the {config.model_type} model it describes ({type(e).__name__}: {first})") from None
+        full_precision = sum(p.numel() for p in model.parameters()) * src_dtype.itemsize
+        plans = build_plan(model, ckpt, scale_suffix=pre[1] if pre else None) if ckpt is not None else None
 
-    src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers)
-    work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
-            for t in targets]
-    for t, c in work:
-        if t.name in scales:
-            c.amax_reads = []  # stored FP8: no amax pass
+        ignore = list(DEFAULT_IGNORE) + list(ignore)
+        out_emb = model.get_output_embeddings()
+        if out_emb is not None:
+            out_name = next(n for n, m in model.named_modules() if m is out_emb)
+            ignore.append(rf"^{out_name}$")
+        if pre is not None and plans is not None:
+            ignore += _full_precision_modules(model, plans, ckpt)
+        sensitive = sensitive_modules(model) if keep_sensitive else []
+        ignore += [rf"^{re.escape(n)}$" for n in sensitive]
+        try:
+            quantized, kept_modules = replace_with_fp8(model, scheme, ignore, dtype)
+        except Exception as e:
+            if isinstance(e, Fp8StreamError):
+                raise
+            raise Fp8StreamError(f"--ignore: {e}") from None
+        layout = None
+        if group is not None:
+            if pre is not None:
+                raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+            layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
+            shard_meta(model, layout)
+            if plans is not None:
+                plans = {name: local_plan(plan, layout.shards.get(name)) for name, plan in plans.items()}
+        targets = _targets(model, plans)
+        if layout is not None:
+            for t in targets:
+                t.group = group.group
+        scales = _check_prequantized(targets, ckpt, scheme, pre[1]) if pre is not None and ckpt is not None else {}
+        final_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+        staging = int(staging_mib * 2**20)
+        ledger = MemoryLedger(dev, staging)
+        ledger.check_fits(final_bytes)
+
+        src = _Source(ckpt, dtype, dev, prefetch_buffers=prefetch_buffers)
+        work = [(t, _quantized_chunks(t, src, scheme, staging) if t.scale_attr is not None else _kept_chunks(t, src, staging))
+                for t in targets]
+        for t, c in work:
+            if t.name in scales:
+                c.amax_reads = []  # stored FP8: no amax pass
+    except BaseException:
+        if warmup is not None:
+            warmup.join()  # no thread outlives a failed load
+        raise
+    if warmup is not None:
+        warmup.join()  # before the ledger starts: its tiny tensors are no part of the load's peak
     t0 = time.perf_counter()
     sampler = Sampler(dev, src, interval_s=0.005)
     ledger.start(sampler)
