@@ -7,7 +7,10 @@ Per mode: load s = wall clock around the load call (torch.cuda.synchronize inclu
 torch.cuda.max_memory_allocated after reset_peak_memory_stats; after = torch.cuda.memory_allocated
 once loaded (both minus what was allocated before); host RSS = ru_maxrss of the worker process.
 These are the columns of shared/reference/peers.md. Imports and CUDA context creation happen before
-the clock starts, for every mode alike.
+the clock starts, for every mode alike: also transformers' modeling code of the checkpoint's model class
+and its table of checkpoint renamings, which it builds on first use in a process (0.4-0.7 s on the H100
+host, once per process, whichever loader asks first). `--imports-in-clock` leaves those two inside the
+clock (what the first load of a fresh process costs a user).
 """
 
 from __future__ import annotations
@@ -93,6 +96,21 @@ def decode_tok_s(model, new_tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
 
 
+def import_model_code(ckpt: str) -> None:
+    """What transformers does once per process before its first load of this model type, whoever loads:
+    import the model's modeling code (and modeling_utils) and build its checkpoint-renaming table."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(ckpt, local_files_only=True)
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # noqa: B018  (the lookup imports the module)
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: no renaming table
+        return
+    get_checkpoint_conversion_mapping(config.model_type)
+
+
 class AnonRssPeak(threading.Thread):
     """Samples RssAnon every 20 ms. ru_maxrss also counts the checkpoint's mmap'd file pages; this is
     what the process itself allocated on the host (a cross-check, not one of the peers' columns)."""
@@ -131,6 +149,8 @@ def worker(args) -> dict:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if not args.imports_in_clock:
+        import_model_code(args.ckpt)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     res = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -213,7 +233,7 @@ def run_mode(args, mode: str, scheme: str | None) -> dict:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, os.path.abspath(__file__), args.ckpt, "--worker", mode, "--scheme", scheme or "",
                "--device", args.device, "--result", str(result),
-               "--decode-tokens", str(0 if args.no_decode else args.decode_tokens)]
+               "--decode-tokens", str(0 if args.no_decode else args.decode_tokens)] + (["--imports-in-clock"] if args.imports_in_clock else [])
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         timer = threading.Timer(args.timeout, proc.kill)
@@ -313,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-decode", action="store_true", help=f"skip the decode check ({DECODE_LABEL})")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mode before the worker is killed")
+    ap.add_argument("--imports-in-clock", action="store_true",
+                    help="time the model-code import and transformers' renaming table inside the load (a fresh process's first load)")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--scheme", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
