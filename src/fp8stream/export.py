@@ -396,6 +396,7 @@ def export(
         exporter = _Exporter(ckpt, scheme, int(staging_mib * 2**20))
         weight_map, total = {}, 0
         where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> (output file, byte offset, shape)
+        scale_where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> where its scales are
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(v) for v in shards.values()), desc="fp8stream export", unit="tensor", disable=not progress, leave=False)
@@ -409,6 +410,8 @@ def export(
                 for e in entries:
                     if e.role == "weight":
                         where[e.name] = (path, offset, e.shape)
+                    elif e.role == "scale":
+                        scale_where[e.key] = (path, offset, e.shape)
                     offset += e.nbytes
                 pending: torch.Tensor | None = None
                 for e in entries:
@@ -426,7 +429,7 @@ def export(
         bar.close()
         calibrated = None
         if ids is not None:
-            calibrated = _calibrate(ckpt, config, scheme, set(fp8_modules), ids, where, dtype, progress)
+            calibrated = _calibrate(ckpt, config, scheme, set(fp8_modules), ids, _WrittenCodes(where, scale_where), dtype, progress)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append(out / "model.safetensors.index.json")
@@ -446,21 +449,46 @@ def export(
         "kept_tensors": exporter.n_kept, "bytes_written": total, "shards": len(shards), "ignore": kept_modules,
         "copied_files": copied, "seconds": time.perf_counter() - t0,
         **({} if ids is None else {"calibration": {"text": None if calibrate is None else str(calibrate), "tokens": int(ids.numel()),
-                                                   "calibrated_modules": len(calibrated)}}),
+                                                   "calibrated_modules": len(calibrated.modules),
+                                                   "gptq_expert_weights": calibrated.expert_weights,
+                                                   "plain_expert_weights": calibrated.plain_expert_weights}}),
     }
 
 
-def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor,
-               where: dict[str, tuple[Path, int, tuple]], dtype: torch.dtype, progress: bool) -> list[str]:
-    """GPTQ rounding (calibrate.py) of the decoder Linears, overwriting their plainly rounded fp8 bytes in place."""
-    from .calibrate import calibrate_checkpoint
+class _WrittenCodes:
+    """calibrate.CodeStore over the output shards just written: each fp8 weight's codes and scales, by source key."""
 
-    def write(key: str, codes: torch.Tensor) -> None:
-        path, offset, shape = where[key]
-        assert tuple(codes.shape) == tuple(shape) and codes.dtype == torch.float8_e4m3fn, key
+    def __init__(self, weights: dict[str, tuple[Path, int, tuple]], scales: dict[str, tuple[Path, int, tuple]]):
+        self.weights, self.scales = weights, scales
+
+    def scale(self, key: str) -> torch.Tensor:
+        path, offset, shape = self.scales[key]
+        return _read(path, offset, torch.float32, shape)
+
+    def codes(self, key: str, row: int, rows: int) -> torch.Tensor:
+        path, offset, (n, k) = self.weights[key]
+        return _read(path, offset + row * k, torch.float8_e4m3fn, (rows, k))
+
+    def write(self, key: str, row: int, codes: torch.Tensor) -> None:
+        path, offset, (n, k) = self.weights[key]
+        if codes.dtype != torch.float8_e4m3fn or codes.shape[-1] != k or not 0 <= row <= row + codes.shape[0] <= n:
+            raise Fp8StreamError(f"calibration: codes {list(codes.shape)} ({codes.dtype}) do not fit rows {row}.. of '{key}' {[n, k]}")
         with open(path, "r+b") as f:
-            f.seek(offset)
+            f.seek(offset + row * k)
             _write(f, codes)
 
+
+def _read(path: Path, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(math.prod(shape) * dtype.itemsize)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor,
+               store: _WrittenCodes, dtype: torch.dtype, progress: bool):
+    """GPTQ rounding (calibrate.py) of the decoder Linears and experts, overwriting their plainly rounded fp8 bytes in place."""
+    from .calibrate import calibrate_checkpoint
+
     context = min(int(ids.numel()), getattr(config, "max_position_embeddings", None) or int(ids.numel()), CALIB_CONTEXT)
-    return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, write, dtype, progress)
+    return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, store, dtype, progress)
