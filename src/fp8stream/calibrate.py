@@ -11,6 +11,17 @@ layouts and computed by the same FP8 kernels; only which fp8 value each weight g
 the Linears that read the same input tensor (q/k/v; gate/up) form one group; a group's H comes from
 inputs computed through the groups already quantized (o_proj sees the rounded q/k/v's attention), and
 the layer's outputs, through every quantized Linear, are the next layer's calibration inputs.
+
+Fused MoE experts (transformers' 3-D gate_up_proj [E, 2I, H] / down_proj [E, H, I]) are one GPTQ problem
+per expert and projection (`gptq_experts`): a pre-hook on the real experts module captures what the
+model's own router sent it (hidden states, top-k ids); expert e's gate_up gets H = sum x x^T over its
+tokens, its down the same over act(gate) * up computed through its rounded gate_up. An expert projection
+routed fewer tokens than its input width keeps plain rounding (EXPERT_TOKENS_PER_INPUT).
+
+Export (`calibrate_checkpoint`): every weight is rounded whole with the scales the plain export wrote for
+its checkpoint tensors, and its rows go back to those tensors by the load plan's pieces, so a weight fused
+from several checkpoint tensors (each expert's gate and up halves; no dense architecture transformers
+builds as a causal LM fuses on-disk Linears today) is calibrated like any other.
 """
 
 from __future__ import annotations

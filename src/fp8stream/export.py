@@ -325,8 +325,9 @@ def export(
     `scheme` defaults to fp8_per_channel for compressed-tensors and fp8_per_block for fp8 (the only
     one that format stores). `out_dir` must not exist or be empty, unless `overwrite` (then its
     *.safetensors and index are replaced and other files it has are kept). `src_dir` is only read.
-    `calibrate`: a UTF-8 text file; the FP8 Linears of the decoder layers are then rounded with GPTQ
-    (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of calibrate.CALIB_CONTEXT) instead of to the nearest fp8 value. The
+    `calibrate`: a UTF-8 text file; the FP8 Linears and fused MoE experts of the decoder layers are then rounded
+    with GPTQ (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of calibrate.CALIB_CONTEXT) instead
+    of to the nearest fp8 value (an expert projection routed fewer tokens than its input width stays plain). The
     scales and every layout stay those of the plain export; only the fp8 values change. `calib_ids`
     (API only): token ids instead of a text (no tokenizer needed). Use a text other than the one you
     evaluate on.
@@ -448,6 +449,8 @@ def export(
         "out_dir": str(out), "format": format, "scheme": scheme, "quantized_tensors": exporter.n_quant,
         "kept_tensors": exporter.n_kept, "bytes_written": total, "shards": len(shards), "ignore": kept_modules,
         "copied_files": copied, "seconds": time.perf_counter() - t0,
+        # calibration: calibrated_modules counts Linears and fused-experts modules (one each); gptq_expert_weights /
+        # plain_expert_weights count expert projections (one expert's gate_up or down) GPTQ-rounded / left plain
         **({} if ids is None else {"calibration": {"text": None if calibrate is None else str(calibrate), "tokens": int(ids.numel()),
                                                    "calibrated_modules": len(calibrated.modules),
                                                    "gptq_expert_weights": calibrated.expert_weights,
