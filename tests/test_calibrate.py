@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 import fp8stream
-from fp8stream.calibrate import (_scales, calibrate_decoder, capture_layer_inputs, gptq_fp8, output_error,
-                                 round_fp8)
+from fp8stream.calibrate import (EXPERT_TOKENS_PER_INPUT, RoutedInputs, _scales, calibrate_decoder,
+                                 capture_layer_inputs, expert_hessian, expert_tokens, gptq_fp8, output_error, round_fp8)
 from fp8stream.cli import main
 from fp8stream.errors import Fp8StreamError
-from fp8stream.modules import FP8Linear
+from fp8stream.modules import FP8Experts, FP8Linear
 from fp8stream.quantize import FP8_MAX, expand_block_scale, scale_from_amax
 from tiny_models import make_checkpoint
 
@@ -105,7 +105,8 @@ def test_export_calibrated(tiny, tmp_path, fmt, scheme):
     src, ref = tiny
     plain = fp8stream.export(src, tmp_path / "plain", format=fmt, scheme=scheme)
     summary = fp8stream.export(src, tmp_path / "cal", format=fmt, scheme=scheme, calib_ids=CALIB)
-    assert summary["calibration"] == {"text": None, "tokens": 512, "calibrated_modules": 14}  # 2 layers x 7 Linears
+    assert summary["calibration"] == {"text": None, "tokens": 512, "calibrated_modules": 14,  # 2 layers x 7 Linears
+                                      "gptq_expert_weights": 0, "plain_expert_weights": 0}
     assert summary["bytes_written"] == plain["bytes_written"]
     # same layout, same scales and kept tensors byte for byte; only decoder fp8 weights differ
     assert _header(tmp_path / "cal" / "model.safetensors") == _header(tmp_path / "plain" / "model.safetensors")
@@ -203,15 +204,144 @@ def test_eval_exported(tiny, tmp_path, capsys):
     assert "no usable tokenizer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch,calibrated", [("qwen2_moe", 14), ("mixtral", 8), ("opt", 12)])
-def test_export_calibrated_other_architectures(tmp_path, arch, calibrated):
-    """MoE (fused experts keep plain rounding; attention and shared-expert Linears are calibrated) and OPT
+@pytest.mark.parametrize("arch,calibrated,experts", [("qwen2_moe", 16, (9, 23)), ("mixtral", 10, (10, 6)), ("opt", 12, (0, 0))])
+def test_export_calibrated_other_architectures(tmp_path, arch, calibrated, experts):
+    """MoE (attention and shared-expert Linears, and each fused experts module counted once) and OPT
     (decoder layers under model.decoder): same layout as the plain export, a model that loads and runs."""
     src, _ = make_checkpoint(arch, tmp_path / "src")
     fp8stream.export(src, tmp_path / "plain")
     summary = fp8stream.export(src, tmp_path / "cal", calib_ids=CALIB[:300])
     assert summary["calibration"]["calibrated_modules"] == calibrated
+    assert (summary["calibration"]["gptq_expert_weights"], summary["calibration"]["plain_expert_weights"]) == experts
     assert _header(tmp_path / "cal" / "model.safetensors") == _header(tmp_path / "plain" / "model.safetensors")
     model = fp8stream.load(tmp_path / "cal", device="cpu", progress=False)
     with torch.no_grad():
         assert torch.isfinite(model(HELD_OUT).logits).all()
+
+
+# --- GPTQ for fused MoE experts ---------------------------------------------------------------------------------
+
+# the on-disk per-expert keys of layer L, expert E (gate, up, down): only to read the exported files back
+EXPERT_KEYS = {"qwen2_moe": "model.layers.{L}.mlp.experts.{E}.{P}.weight",
+               "mixtral": "model.layers.{L}.block_sparse_moe.experts.{E}.{P}.weight"}
+EXPERT_PROJ = {"qwen2_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+
+
+def _routed(model, ids):
+    """{experts module: [RoutedInputs per 256-token window]}: what each FP8Experts receives, windows run as in calibration."""
+    got = {}
+
+    def hook(mod, args):
+        got.setdefault(mod, []).append(RoutedInputs(args[0], args[1]))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, FP8Experts)]
+    with torch.no_grad():
+        for w in ids.split(256):
+            model(w[None])
+    for h in handles:
+        h.remove()
+    return got
+
+
+@pytest.fixture(scope="module", params=[("qwen2_moe", "fp8_per_channel"), ("mixtral", "fp8_per_channel"),
+                                        ("qwen2_moe", "fp8_per_tensor")], ids=lambda p: "-".join(p))
+def moe(request, tmp_path_factory):
+    arch, scheme = request.param
+    d = tmp_path_factory.mktemp(arch)
+    src, ref = make_checkpoint(arch, d / "src")
+    fp8stream.export(src, d / "plain", scheme=scheme)
+    summary = fp8stream.export(src, d / "cal", scheme=scheme, calib_ids=CALIB)
+    load = lambda name: fp8stream.load(d / name, device="cpu", progress=False)  # noqa: E731
+    return arch, ref, load("plain"), load("cal"), d, summary["calibration"]
+
+
+def test_moe_experts_gptq_lowers_output_error(moe):
+    """Per expert projection: routed >= K calibration tokens (K: its input width) -> GPTQ, a smaller output error
+    on its own H than plain rounding; fewer -> exactly the plain codes. The routing (and so each H) is the model's
+    own: recomputed here by running the loaded calibrated model, it must select the same experts."""
+    arch, ref, plain, cal, _, summary = moe
+    names = {m: n for n, m in cal.named_modules()}
+    gptq = kept = 0
+    for mod, windows in _routed(cal, CALIB).items():
+        name = names[mod]
+        p, r = plain.get_submodule(name), ref.get_submodule(name)
+        tokens = expert_tokens(windows, mod.num_experts)
+        for e in range(mod.num_experts):
+            count = sum(int(t[e].numel()) for t in tokens)
+            for proj, features in (("gate_up_proj", lambda e, x, d: x), ("down_proj", mod.gated)):
+                q, q_plain = getattr(mod, proj)[e], getattr(p, proj)[e]
+                assert torch.equal(getattr(mod, f"{proj}_scale")[e], getattr(p, f"{proj}_scale")[e])  # same scales
+                w = getattr(r, proj)[e].float()
+                if count < w.shape[1] * EXPERT_TOKENS_PER_INPUT:
+                    assert torch.equal(q.view(torch.uint8), q_plain.view(torch.uint8)), (name, e, proj, count)
+                    kept += 1
+                    continue
+                h = expert_hessian(windows, tokens, e, features)
+                s = getattr(mod, f"{proj}_scale")[e][:, None]
+                e_gptq, e_plain = output_error(w, q.float() * s, h), output_error(w, q_plain.float() * s, h)
+                assert e_gptq < 0.8 * e_plain, (name, e, proj, count, e_gptq, e_plain)
+                gptq += 1
+    assert gptq == summary["gptq_expert_weights"] and kept == summary["plain_expert_weights"]
+    assert gptq >= 8 and kept >= 1  # both cases occur with these 512 tokens
+
+
+def test_moe_codes_land_in_their_expert_keys(moe):
+    """The calibrated codes are written back to each expert's own checkpoint keys (gate / up halves, down): the
+    loaded fused experts are exactly those tensors, and its forward matches a float64 reference built from them."""
+    arch, ref, plain, cal, d, _ = moe
+    from safetensors.torch import load_file
+
+    assert _header(d / "cal" / "model.safetensors") == _header(d / "plain" / "model.safetensors")
+    disk = load_file(d / "cal" / "model.safetensors")
+    gate, up, down = EXPERT_PROJ[arch]
+    for layer in range(2):
+        mod = cal.model.layers[layer].mlp.experts
+        for e in range(mod.num_experts):
+            key = lambda p: EXPERT_KEYS[arch].format(L=layer, E=e, P=p)  # noqa: E731
+            fused = torch.cat([disk[key(gate)], disk[key(up)]]).view(torch.uint8)
+            assert torch.equal(mod.gate_up_proj[e].view(torch.uint8), fused), (layer, e)
+            assert torch.equal(mod.down_proj[e].view(torch.uint8), disk[key(down)].view(torch.uint8)), (layer, e)
+    routed = _routed(cal, CALIB[:256])
+    mod = cal.model.layers[1].mlp.experts
+    (r,) = routed[mod]
+    weights = torch.rand(r.index.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = mod(r.hidden, r.index, weights.to(r.hidden.dtype)).double()
+    key = lambda p, e: EXPERT_KEYS[arch].format(L=1, E=e, P=p)  # noqa: E731
+    w64 = lambda p, e: disk[key(p, e)].double() * disk[key(p, e).replace(".weight", ".weight_scale")].double()  # noqa: E731
+    x = r.hidden.double()
+    want = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot, e in enumerate(r.index[t].tolist()):
+            a = torch.nn.functional.silu(w64(gate, e) @ x[t]) * (w64(up, e) @ x[t])
+            want[t] += float(weights[t, slot]) * (w64(down, e) @ a)
+    # the fp8 module also quantizes its activations (per token): a few percent, not a misplaced expert's ~100%
+    assert float((got - want).norm() / want.norm()) < 0.1
+
+
+def test_moe_calibrated_model_closer_to_bf16(moe):
+    """End to end on held-out ids: the calibrated MoE export's logits are closer to the bf16 model's than the plain
+    export's. Most of that gain is the Linears' (ACCURACY.md: on these random-weight models the experts' GPTQ lowers
+    gate_up's held-out error but not down's), so the experts' own gain is asserted per expert above, on their H."""
+    _, ref, plain, cal, _, _ = moe
+    held = torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        target = [ref(w[None]).logits.float() for w in held.split(256)]
+        err = lambda m: sum(float(((m(w[None]).logits.float() - t) ** 2).sum()) for w, t in zip(held.split(256), target))  # noqa: E731
+        # measured: 24% (qwen2_moe), 21% (mixtral) lower per channel, 7% per tensor
+        assert err(cal) < err(plain), (err(cal), err(plain))
+
+
+def test_moe_too_few_tokens_keeps_plain_experts(tmp_path):
+    """24 calibration tokens: no expert gets K of them, so every expert key is the plain export's byte for byte,
+    while the Linears are still calibrated."""
+    src, _ = make_checkpoint("qwen2_moe", tmp_path / "src")
+    fp8stream.export(src, tmp_path / "plain")
+    summary = fp8stream.export(src, tmp_path / "cal", calib_ids=CALIB[:24])
+    assert summary["calibration"]["gptq_expert_weights"] == 0 and summary["calibration"]["plain_expert_weights"] == 32
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "cal" / "model.safetensors")
+    for k in a:
+        same = torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+        assert same == (".experts." in k or a[k].dtype != torch.float8_e4m3fn), k

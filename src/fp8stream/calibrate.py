@@ -11,26 +11,46 @@ layouts and computed by the same FP8 kernels; only which fp8 value each weight g
 the Linears that read the same input tensor (q/k/v; gate/up) form one group; a group's H comes from
 inputs computed through the groups already quantized (o_proj sees the rounded q/k/v's attention), and
 the layer's outputs, through every quantized Linear, are the next layer's calibration inputs.
+
+Fused MoE experts (transformers' 3-D gate_up_proj [E, 2I, H] / down_proj [E, H, I]) are one GPTQ problem
+per expert and projection (`gptq_experts`): a pre-hook on the real experts module captures what the
+model's own router sent it (hidden states, top-k ids); expert e's gate_up gets H = sum x x^T over its
+tokens, its down the same over act(gate) * up computed through its rounded gate_up. An expert projection
+routed fewer tokens than its input width keeps plain rounding (EXPERT_TOKENS_PER_INPUT).
+
+Export (`calibrate_checkpoint`): every weight is rounded whole with the scales the plain export wrote for
+its checkpoint tensors, and its rows go back to those tensors by the load plan's pieces, so a weight fused
+from several checkpoint tensors (each expert's gate and up halves; no dense architecture transformers
+builds as a causal LM fuses on-disk Linears today) is calibrated like any other.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from . import kernels
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
-from .modules import FP8Linear
-from .quantize import FP8_DTYPE, expand_block_scale, quantize_blocks, round_fp8, scale_from_amax, tensor_amax
+from .modules import FP8Experts, FP8Linear, _is_fused_experts
+from .quantize import BLOCK, FP8_DTYPE, expand_block_scale, quantize_blocks, round_fp8, scale_from_amax, tensor_amax
 
 DAMP = 0.1  # H += DAMP * mean(diag H) * I (GPTQ's percdamp; 0.1 beat 0.01 on SmolLM2-135M, ACCURACY.md)
 CALIB_TOKENS = 8192  # export --calibrate's default: the first 8192 tokens of the text (all of the GPL-3's 7658)
 CALIB_CONTEXT = 2048  # calibration window length (at most the model's max_position_embeddings)
+# An expert projection is GPTQ-rounded only when the calibration routed it at least this many tokens per input
+# feature (K: the hidden size for gate_up, the expert's intermediate size for down), i.e. when its H can have
+# full rank; otherwise it keeps plain rounding. On the tiny MoE models (ACCURACY.md, bench/moe_gptq_error.py
+# --sweep) gate_up GPTQ-rounded on n < K/2 tokens had a larger held-out output error than plain rounding for
+# most experts, at n = K/2 mixed, at n >= K a smaller one for every expert.
+EXPERT_TOKENS_PER_INPUT = 1.0
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -105,7 +125,7 @@ def _gptq_columns(W: torch.Tensor, S: torch.Tensor, U: torch.Tensor, block: int)
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr((W - W_hat) H (W - W_hat)^T): the squared output error on the inputs whose second moment is H."""
-    d = w.float() - w_hat.float()
+    d = (w.float() - w_hat.float()).detach()
     return float(((d @ h.float()) * d).sum())
 
 
@@ -121,16 +141,38 @@ class InputStats:
     amax: torch.Tensor
 
 
+@dataclass
+class RoutedInputs:
+    """What a fused-experts module received in one calibration window: its input hidden states [T, H] and
+    the top-k expert ids [T, k] the model's own router chose for them."""
+
+    hidden: torch.Tensor
+    index: torch.Tensor
+
+
+def _routed_args(module: nn.Module, args: tuple, kwargs: dict) -> RoutedInputs:
+    # transformers calls experts(hidden_states, top_k_index, top_k_weights), positionally or by name
+    # (the names differ between models): bind to the forward's own signature and take the first two.
+    values = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())
+    hidden, index = values[0], values[1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return RoutedInputs(hidden, index.reshape(hidden.shape[0], -1))
+
+
 def _hessian_pass(layer: nn.Module, run: Callable[[int], None], windows: int, pending: dict[str, nn.Module]
-                  ) -> tuple[list[str], InputStats]:
+                  ) -> tuple[list[str], InputStats | list[RoutedInputs]]:
     """One pass over the calibration windows: the first pending Linear to run in a window and every
     other pending Linear called on the very same input tensor form the group; their H = sum X^T X / rows.
-    The layer's forward is cut short as soon as a pending Linear outside the group is reached."""
+    The layer's forward is cut short as soon as a pending Linear outside the group is reached.
+
+    A pending fused-experts module (any non-Linear in `pending`) reached first is a group of its own:
+    its routed inputs of every window are returned instead (its per-expert Hessians need the routing)."""
     group: list[str] = []
     state: dict = {}
     h: torch.Tensor | None = None
     amax: torch.Tensor | None = None
     rows = 0
+    routed: list[RoutedInputs] = []
 
     def make_hook(name):
         def hook(_mod, args):
@@ -154,7 +196,16 @@ def _hessian_pass(layer: nn.Module, run: Callable[[int], None], windows: int, pe
                 raise _Stop
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in pending.items()]
+    def make_experts_hook(name):
+        def hook(mod, args, kwargs):
+            if state.get("x") is None and (group == [name] or (state["first_window"] and not group)):
+                group[:] = [name]
+                routed.append(_routed_args(mod, args, kwargs))
+            raise _Stop  # nothing after the experts is needed in this pass
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) if isinstance(m, nn.Linear)
+               else m.register_forward_pre_hook(make_experts_hook(n), with_kwargs=True) for n, m in pending.items()]
     try:
         for w in range(windows):
             state.update(x=None, first_window=(w == 0))
@@ -166,26 +217,96 @@ def _hessian_pass(layer: nn.Module, run: Callable[[int], None], windows: int, pe
         for hd in handles:
             hd.remove()
     if not group:
-        raise Fp8StreamError(f"calibration: Linear(s) {', '.join(pending)} were not called by the layer's forward")
+        raise Fp8StreamError(f"calibration: module(s) {', '.join(pending)} were not called by the layer's forward")
+    if routed:
+        return group, routed
     return group, InputStats(h / max(rows, 1), amax)
 
 
 @torch.no_grad()
 def calibrate_layer(layer: nn.Module, targets: dict[str, nn.Module], run: Callable[[int], None], windows: int,
-                    quantize: Callable[[str, nn.Module, InputStats], nn.Module]) -> None:
+                    quantize: Callable[[str, nn.Module, InputStats], nn.Module],
+                    quantize_experts: Callable[[str, nn.Module, list[RoutedInputs]], nn.Module] | None = None) -> None:
     """Quantize the Linears `targets` ({name relative to `layer`: module}) of one layer, group by group.
 
     `run(w)` runs the layer's forward on calibration window w; `quantize(name, module, stats)` returns the
     module that replaces it (computing with the calibrated fp8 weight; stats: the group's inputs), which
-    every later pass uses.
+    every later pass uses. `targets` may also hold fused-experts modules; `quantize_experts(name, module,
+    routed)` then returns their replacement (routed: what the experts received, window by window).
     """
     pending = dict(targets)
+    if quantize_experts is None and any(not isinstance(m, nn.Linear) for m in pending.values()):
+        raise Fp8StreamError("calibrate_layer: fused-experts targets need quantize_experts")
     while pending:
         group, stats = _hessian_pass(layer, run, windows, pending)
         for name in group:
-            new = quantize(name, pending.pop(name), stats)
+            mod = pending.pop(name)
+            new = quantize(name, mod, stats) if isinstance(mod, nn.Linear) else quantize_experts(name, mod, stats)
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, new)
+
+
+# --- fused MoE experts: one GPTQ problem per expert and projection ----------------------------------------------
+
+
+def expert_tokens(routed: list[RoutedInputs], num_experts: int) -> list[list[torch.Tensor]]:
+    """tokens[w][e]: the rows of window w routed to expert e (grouped as FP8Experts.reference_forward groups them)."""
+    out = []
+    for r in routed:
+        flat = r.index.reshape(-1)
+        counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+        token_of = torch.argsort(flat, stable=True)[: sum(counts)] // r.index.shape[-1]
+        out.append(list(token_of.split(counts)))
+    return out
+
+
+def expert_hessian(routed: list[RoutedInputs], tokens: list[list[torch.Tensor]], e: int,
+                   features: Callable[[int, torch.Tensor, bool], torch.Tensor]) -> torch.Tensor:
+    """sum f f^T / count over the calibration tokens routed to expert e, f = features(e, x, decode) of its
+    tokens x (the identity for gate_up; act(gate) * up through the rounded gate_up for down)."""
+    h, count = None, 0
+    for r, tok in zip(routed, tokens):
+        if tok[e].numel() == 0:
+            continue
+        decode = r.hidden.shape[0] <= kernels.MOE_GEMV_MAX_T  # FP8Experts' rule, by the window's token count
+        f = features(e, r.hidden[tok[e]], decode).float()
+        h = f.t() @ f if h is None else h.addmm_(f.t(), f)
+        count += f.shape[0]
+    return h / count
+
+
+def _element_scale(stored: torch.Tensor, scheme: str, n: int, k: int) -> torch.Tensor:
+    """The per-element scale (broadcastable to [n, k]) of one weight's stored scales ([n] or 128x128 blocks)."""
+    return expand_block_scale(stored, n, k) if scheme == "fp8_per_block" else stored[:, None]
+
+
+@torch.no_grad()
+def gptq_experts(fp8: FP8Experts, gate_up: torch.Tensor, down: torch.Tensor, routed: list[RoutedInputs], *,
+                 damp: float = DAMP, tokens_per_input: float | None = None) -> list[tuple[int, str]]:
+    """GPTQ for fused experts, in place on `fp8` (an FP8Experts holding the scales and the plain codes).
+
+    gate_up [E, 2I, H], down [E, H, I]: the full-precision weights. Expert by expert, gate_up is GPTQ-rounded
+    on H = sum x x^T over the calibration tokens routed to it, then down on the sum over the same tokens of
+    a a^T, a = act(gate) * up computed by `fp8` itself through the expert's (rounded) gate_up, as later
+    Linear groups see the rounded earlier ones. A projection is only GPTQ-rounded when the expert got at
+    least tokens_per_input (default EXPERT_TOKENS_PER_INPUT) x its input width K tokens; otherwise it
+    keeps its plain codes. One expert at a time: the Hessians held are one [H, H] and one [I, I] float32,
+    not E of each (all experts' at once would be 60 x (2048^2 + 1408^2) x 4 B ~ 1.5 GB per Qwen1.5-MoE layer).
+    Returns the GPTQ-rounded (expert, "gate_up_proj" / "down_proj") pairs.
+    """
+    ratio = EXPERT_TOKENS_PER_INPUT if tokens_per_input is None else tokens_per_input
+    tokens = expert_tokens(routed, fp8.num_experts)
+    done = []
+    for e in range(fp8.num_experts):
+        count = sum(int(t[e].numel()) for t in tokens)
+        for attr, w, features in (("gate_up_proj", gate_up, lambda e, x, d: x), ("down_proj", down, fp8.gated)):
+            if count == 0 or count < ratio * w.shape[-1]:
+                continue
+            h = expert_hessian(routed, tokens, e, features)
+            s = _element_scale(getattr(fp8, f"{attr}_scale")[e], fp8.scheme, *w.shape[1:])
+            getattr(fp8, attr).data[e] = gptq_fp8(w[e], h, s, damp=damp)
+            done.append((e, attr))
+    return done
 
 
 def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, windows: list[torch.Tensor]) -> list[tuple]:
@@ -222,13 +343,15 @@ def _hidden(out):
 @torch.no_grad()
 def calibrate_decoder(layers, inputs: list[tuple], targets_of: Callable[[int, nn.Module], dict[str, nn.Module]],
                       quantize: Callable[[int, str, nn.Module, InputStats], nn.Module],
-                      enter: Callable[[int], nn.Module] | None = None, leave: Callable[[int, nn.Module], None] | None = None) -> None:
+                      enter: Callable[[int], nn.Module] | None = None, leave: Callable[[int, nn.Module], None] | None = None,
+                      quantize_experts: Callable[[int, str, nn.Module, list[RoutedInputs]], nn.Module] | None = None) -> None:
     """GPTQ over a stack of decoder layers, one at a time (see the module doc).
 
     inputs: capture_layer_inputs' list; targets_of(i, layer): the Linears of layer i to quantize (names relative
     to the layer); quantize(i, name, module, stats): the replacement module. enter(i) / leave(i, layer), when
     given, materialize layer i before it is calibrated and release it after its outputs are computed
-    (streaming from a checkpoint); otherwise `layers[i]` is used in place.
+    (streaming from a checkpoint); otherwise `layers[i]` is used in place. quantize_experts(i, name, module,
+    routed): the replacement of a fused-experts module among the targets (see calibrate_layer).
     """
     hidden = [h for h, _ in inputs]
     kwargs = [kw for _, kw in inputs]
@@ -238,8 +361,9 @@ def calibrate_decoder(layers, inputs: list[tuple], targets_of: Callable[[int, nn
         def run(w, layer=layer):
             layer(hidden[w], **kwargs[w])
 
+        experts = None if quantize_experts is None else (lambda name, mod, routed, i=i: quantize_experts(i, name, mod, routed))
         calibrate_layer(layer, targets_of(i, layer), run, len(hidden),
-                        lambda name, mod, st, i=i: quantize(i, name, mod, st))
+                        lambda name, mod, st, i=i: quantize(i, name, mod, st), experts)
         hidden = [_hidden(layer(hidden[w], **kwargs[w])) for w in range(len(hidden))]
         if leave is not None:
             leave(i, layer)
@@ -283,12 +407,73 @@ def _decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList
     raise UnsupportedModelError(f"{type(model).__name__}: no list of {n_layers} decoder layers found; cannot calibrate it")
 
 
-def _one_to_one(plan) -> str | None:
-    """The checkpoint key of a parameter that is exactly one whole checkpoint tensor (no fusion, no slicing)."""
-    if plan is None or len(plan.sources) != 1 or plan.cols is not None or len(plan.pieces) != 1 or len(plan.shape) != 2:
-        return None
-    p = plan.pieces[0]
-    return p.key if (p.src_row, p.dst_row, p.rows) == (0, 0, plan.shape[0]) else None
+class CodeStore(Protocol):
+    """The exported checkpoint's fp8 weights and scales, by checkpoint key (export writes them plainly first)."""
+
+    def scale(self, key: str) -> torch.Tensor:
+        """The float32 scales written for tensor `key` ([R, 1] per channel, [1] per tensor, 128x128 blocks)."""
+
+    def codes(self, key: str, row: int, rows: int) -> torch.Tensor:
+        """Rows [row, row + rows) of the fp8 codes written for tensor `key`."""
+
+    def write(self, key: str, row: int, codes: torch.Tensor) -> None:
+        """Overwrite rows [row, row + len(codes)) of tensor `key`'s fp8 codes."""
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows [src, src + rows) of checkpoint tensor `key` are rows [dst, dst + rows) of one destination weight."""
+
+    key: str
+    src: int
+    dst: int
+    rows: int
+
+
+def _rows_of(plan, lo: int, hi: int, name: str) -> list[_Rows]:
+    """The checkpoint rows that make flat rows [lo, hi) of a parameter (one expert's slice, or a whole
+    Linear weight), from the load plan's pieces: the codes go back to those keys, fused or not."""
+    if plan is None or plan.cols is not None:
+        raise UnsupportedModelError(f"calibration: '{name}' is not made of whole checkpoint rows; cannot write its codes back")
+    out = []
+    for p in plan.pieces:
+        a, b = max(p.dst_row, lo), min(p.dst_row + p.rows, hi)
+        if a < b:
+            out.append(_Rows(p.key, p.src_row + a - p.dst_row, a - lo, b - a))
+    return out
+
+
+def _gather_scales(rows: list[_Rows], n: int, k: int, scheme: str, store: CodeStore, name: str) -> torch.Tensor:
+    """The stored scales (FP8Linear / one FP8Experts slice layout: [n] or 128x128 blocks) of a destination weight
+    [n, k] assembled from the scales export wrote for each checkpoint tensor: the codes are rounded with exactly
+    the scales the exported checkpoint carries (per tensor: each checkpoint tensor's own)."""
+    if scheme != "fp8_per_block":
+        out = torch.empty(n)
+        for r in rows:
+            s = store.scale(r.key).reshape(-1)
+            out[r.dst : r.dst + r.rows] = s if s.numel() == 1 else s[r.src : r.src + r.rows]
+        return out
+    full = torch.empty(n, k)
+    for r in rows:
+        b0, b1 = r.src // BLOCK, -(-(r.src + r.rows) // BLOCK)
+        sub = expand_block_scale(store.scale(r.key)[b0:b1], (b1 - b0) * BLOCK, k)
+        full[r.dst : r.dst + r.rows] = sub[r.src - b0 * BLOCK : r.src - b0 * BLOCK + r.rows]
+    blocks = full[::BLOCK, ::BLOCK].contiguous()
+    if not torch.equal(expand_block_scale(blocks, n, k), full):
+        raise UnsupportedModelError(f"calibration: the checkpoint tensors of '{name}' do not land on its {BLOCK}x{BLOCK} block grid")
+    return blocks
+
+
+def _gather_codes(rows: list[_Rows], n: int, k: int, store: CodeStore) -> torch.Tensor:
+    out = torch.empty(n, k, dtype=FP8_DTYPE)
+    for r in rows:
+        out[r.dst : r.dst + r.rows] = store.codes(r.key, r.src, r.rows)
+    return out
+
+
+def _scatter_codes(rows: list[_Rows], codes: torch.Tensor, store: CodeStore) -> None:
+    for r in rows:
+        store.write(r.key, r.src, codes[r.dst : r.dst + r.rows])
 
 
 def _scales(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,18 +489,31 @@ def _scales(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     return s, s[:, None]
 
 
+@dataclass
+class Calibrated:
+    """What export --calibrate GPTQ-rounded: Linear and fused-experts module names (an experts module counts
+    once, when at least one of its expert weights was), and the expert weights (one expert's gate_up or down)
+    GPTQ-rounded / left plain (too few routed tokens)."""
+
+    modules: list[str] = field(default_factory=list)
+    expert_weights: int = 0
+    plain_expert_weights: int = 0
+
+
 @torch.no_grad()
 def calibrate_checkpoint(ckpt, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor, context: int,
-                         write: Callable[[str, torch.Tensor], None], dtype: torch.dtype = torch.bfloat16,
-                         progress: bool = False) -> list[str]:
-    """GPTQ-round the FP8 Linears of a checkpoint's decoder layers on the calibration token ids.
+                         store: CodeStore, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> Calibrated:
+    """GPTQ-round the FP8 Linears and fused MoE experts of a checkpoint's decoder layers on the calibration ids.
 
     The model is built on the meta device; only the parameters in front of the first decoder layer
     (embeddings) and one decoder layer at a time are read from `ckpt` (in `dtype`, as `load` holds
-    them), so host memory stays about one layer in full precision plus the calibration activations.
-    Each calibrated Linear that is one whole checkpoint tensor is handed to write(key, fp8 codes) (its
-    scales are the plain ones, already written); a fused one is rounded plainly. Returns the
-    calibrated module names.
+    them), so host memory stays about one layer in full precision (plus its fp8 copy) and the
+    calibration activations (each window's hidden states; for an experts module also its routed inputs),
+    and one [K, K] float32 Hessian at a time per Linear group / expert projection.
+    Each weight is GPTQ-rounded whole (fused or not) with the scales export wrote (`store`), and its rows
+    are written back to the checkpoint tensors the load plan took them from (per expert: its gate and up
+    halves to its own keys). Expert projections routed too few calibration tokens keep their plain codes
+    (EXPERT_TOKENS_PER_INPUT).
     """
     from .loader import _Source
     from .load_plan import build_meta_model, build_plan
@@ -348,7 +546,7 @@ def calibrate_checkpoint(ckpt, config, scheme: str, fp8_modules: set[str], ids: 
     materialize(model, "", skip=[layers] + ([out_emb] if out_emb is not None else []))
     windows = list(ids.reshape(1, -1).split(context, dim=1))
     inputs = capture_layer_inputs(model, layers[0], windows)
-    calibrated: list[str] = []
+    done = Calibrated()
 
     def enter(i):
         materialize(layers[i], f"{prefix}.{i}")
@@ -360,31 +558,48 @@ def calibrate_checkpoint(ckpt, config, scheme: str, fp8_modules: set[str], ids: 
             bar.update(1)
 
     def targets_of(i, layer):
-        return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{prefix}.{i}.{n}" in fp8_modules}
+        return {n: m for n, m in layer.named_modules()
+                if (isinstance(m, nn.Linear) or _is_fused_experts(m)) and f"{prefix}.{i}.{n}" in fp8_modules}
 
     def quantize(i, name, mod, stats):
         full = f"{prefix}.{i}.{name}"
-        w = mod.weight
-        stored, s = _scales(w, scheme)
-        key = _one_to_one(plans.get(f"{full}.weight"))
-        if key is not None:
-            codes = gptq_fp8(w, stats.h, s)
-            write(key, codes)
-            calibrated.append(full)
-        else:
-            codes = round_fp8(w, s)
+        n, k = mod.weight.shape
+        rows = _rows_of(plans.get(f"{full}.weight"), 0, n, f"{full}.weight")
+        stored = _gather_scales(rows, n, k, scheme, store, f"{full}.weight")
+        codes = gptq_fp8(mod.weight, stats.h, _element_scale(stored, scheme, n, k))
+        _scatter_codes(rows, codes, store)
+        done.modules.append(full)
         new = FP8Linear(mod.in_features, mod.out_features, mod.bias is not None, scheme, dtype, device="cpu")
         new.weight.data, new.weight_scale.data = codes, stored
         if mod.bias is not None:
             new.bias.data = mod.bias.data
         return new
 
+    def quantize_experts(i, name, mod, routed):
+        full = f"{prefix}.{i}.{name}"
+        new = FP8Experts(mod, scheme, device="cpu")
+        rows = {}
+        for attr in ("gate_up_proj", "down_proj"):
+            e_count, n, k = getattr(mod, attr).shape
+            rows[attr] = [_rows_of(plans.get(f"{full}.{attr}"), e * n, (e + 1) * n, f"{full}.{attr}") for e in range(e_count)]
+            for e, r in enumerate(rows[attr]):  # the plain export: the scales, and the codes of experts left plain
+                getattr(new, f"{attr}_scale").data[e] = _gather_scales(r, n, k, scheme, store, f"{full}.{attr}")
+                getattr(new, attr).data[e] = _gather_codes(r, n, k, store)
+        chosen = gptq_experts(new, mod.gate_up_proj, mod.down_proj, routed)
+        for e, attr in chosen:
+            _scatter_codes(rows[attr][e], getattr(new, attr)[e], store)
+        if chosen:
+            done.modules.append(full)
+        done.expert_weights += len(chosen)
+        done.plain_expert_weights += 2 * new.num_experts - len(chosen)
+        return new
+
     from tqdm import tqdm
 
     bar = tqdm(total=len(layers), desc="fp8stream calibrate", unit="layer", leave=False) if progress else None
     try:
-        calibrate_decoder(layers, inputs, targets_of, quantize, enter, leave)
+        calibrate_decoder(layers, inputs, targets_of, quantize, enter, leave, quantize_experts)
     finally:
         if bar is not None:
             bar.close()
-    return calibrated
+    return done

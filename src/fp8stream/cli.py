@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace the checkpoint in a non-empty OUT (its other files are kept)")
     x.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     x.add_argument("--calibrate", default=None, metavar="FILE",
-                   help="GPTQ-round the decoder Linears on this UTF-8 text (same scales and layout; ACCURACY.md)")
+                   help="GPTQ-round the decoder Linears and MoE experts on this UTF-8 text (same scales and layout; ACCURACY.md)")
     x.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
                    help=f"calibration tokens of --calibrate's text, in windows of {CALIB_CONTEXT} (default {CALIB_TOKENS})")
     e = sub.add_parser("eval", help="perplexity, top-1 agreement and KL of FP8 schemes against the bf16 model on a text")
@@ -208,7 +208,9 @@ def _run(args) -> int:
                   f"{summary['seconds']:.1f} s")
             if "calibration" in summary:
                 c = summary["calibration"]
-                print(f"calibrated (GPTQ) {c['calibrated_modules']} Linears on {c['tokens']} tokens of {c['text']}")
+                print(f"calibrated (GPTQ) {c['calibrated_modules']} modules on {c['tokens']} tokens of {c['text']}"
+                      + (f"; expert weights: {c['gptq_expert_weights']} GPTQ, {c['plain_expert_weights']} plain (too few tokens)"
+                         if c["gptq_expert_weights"] + c["plain_expert_weights"] else ""))
         return 0
     if args.command == "eval":
         from .evaluate import run_eval

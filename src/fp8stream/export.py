@@ -325,8 +325,9 @@ def export(
     `scheme` defaults to fp8_per_channel for compressed-tensors and fp8_per_block for fp8 (the only
     one that format stores). `out_dir` must not exist or be empty, unless `overwrite` (then its
     *.safetensors and index are replaced and other files it has are kept). `src_dir` is only read.
-    `calibrate`: a UTF-8 text file; the FP8 Linears of the decoder layers are then rounded with GPTQ
-    (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of calibrate.CALIB_CONTEXT) instead of to the nearest fp8 value. The
+    `calibrate`: a UTF-8 text file; the FP8 Linears and fused MoE experts of the decoder layers are then rounded
+    with GPTQ (fp8stream.calibrate) on its first `calib_tokens` tokens (windows of calibrate.CALIB_CONTEXT) instead
+    of to the nearest fp8 value (an expert projection routed fewer tokens than its input width stays plain). The
     scales and every layout stay those of the plain export; only the fp8 values change. `calib_ids`
     (API only): token ids instead of a text (no tokenizer needed). Use a text other than the one you
     evaluate on.
@@ -396,6 +397,7 @@ def export(
         exporter = _Exporter(ckpt, scheme, int(staging_mib * 2**20))
         weight_map, total = {}, 0
         where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> (output file, byte offset, shape)
+        scale_where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> where its scales are
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(v) for v in shards.values()), desc="fp8stream export", unit="tensor", disable=not progress, leave=False)
@@ -409,6 +411,8 @@ def export(
                 for e in entries:
                     if e.role == "weight":
                         where[e.name] = (path, offset, e.shape)
+                    elif e.role == "scale":
+                        scale_where[e.key] = (path, offset, e.shape)
                     offset += e.nbytes
                 pending: torch.Tensor | None = None
                 for e in entries:
@@ -426,7 +430,7 @@ def export(
         bar.close()
         calibrated = None
         if ids is not None:
-            calibrated = _calibrate(ckpt, config, scheme, set(fp8_modules), ids, where, dtype, progress)
+            calibrated = _calibrate(ckpt, config, scheme, set(fp8_modules), ids, _WrittenCodes(where, scale_where), dtype, progress)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append(out / "model.safetensors.index.json")
@@ -445,22 +449,49 @@ def export(
         "out_dir": str(out), "format": format, "scheme": scheme, "quantized_tensors": exporter.n_quant,
         "kept_tensors": exporter.n_kept, "bytes_written": total, "shards": len(shards), "ignore": kept_modules,
         "copied_files": copied, "seconds": time.perf_counter() - t0,
+        # calibration: calibrated_modules counts Linears and fused-experts modules (one each); gptq_expert_weights /
+        # plain_expert_weights count expert projections (one expert's gate_up or down) GPTQ-rounded / left plain
         **({} if ids is None else {"calibration": {"text": None if calibrate is None else str(calibrate), "tokens": int(ids.numel()),
-                                                   "calibrated_modules": len(calibrated)}}),
+                                                   "calibrated_modules": len(calibrated.modules),
+                                                   "gptq_expert_weights": calibrated.expert_weights,
+                                                   "plain_expert_weights": calibrated.plain_expert_weights}}),
     }
 
 
-def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor,
-               where: dict[str, tuple[Path, int, tuple]], dtype: torch.dtype, progress: bool) -> list[str]:
-    """GPTQ rounding (calibrate.py) of the decoder Linears, overwriting their plainly rounded fp8 bytes in place."""
-    from .calibrate import calibrate_checkpoint
+class _WrittenCodes:
+    """calibrate.CodeStore over the output shards just written: each fp8 weight's codes and scales, by source key."""
 
-    def write(key: str, codes: torch.Tensor) -> None:
-        path, offset, shape = where[key]
-        assert tuple(codes.shape) == tuple(shape) and codes.dtype == torch.float8_e4m3fn, key
+    def __init__(self, weights: dict[str, tuple[Path, int, tuple]], scales: dict[str, tuple[Path, int, tuple]]):
+        self.weights, self.scales = weights, scales
+
+    def scale(self, key: str) -> torch.Tensor:
+        path, offset, shape = self.scales[key]
+        return _read(path, offset, torch.float32, shape)
+
+    def codes(self, key: str, row: int, rows: int) -> torch.Tensor:
+        path, offset, (n, k) = self.weights[key]
+        return _read(path, offset + row * k, torch.float8_e4m3fn, (rows, k))
+
+    def write(self, key: str, row: int, codes: torch.Tensor) -> None:
+        path, offset, (n, k) = self.weights[key]
+        if codes.dtype != torch.float8_e4m3fn or codes.shape[-1] != k or not 0 <= row <= row + codes.shape[0] <= n:
+            raise Fp8StreamError(f"calibration: codes {list(codes.shape)} ({codes.dtype}) do not fit rows {row}.. of '{key}' {[n, k]}")
         with open(path, "r+b") as f:
-            f.seek(offset)
+            f.seek(offset + row * k)
             _write(f, codes)
 
+
+def _read(path: Path, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = f.read(math.prod(shape) * dtype.itemsize)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor,
+               store: _WrittenCodes, dtype: torch.dtype, progress: bool):
+    """GPTQ rounding (calibrate.py) of the decoder Linears and experts, overwriting their plainly rounded fp8 bytes in place."""
+    from .calibrate import calibrate_checkpoint
+
     context = min(int(ids.numel()), getattr(config, "max_position_embeddings", None) or int(ids.numel()), CALIB_CONTEXT)
-    return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, write, dtype, progress)
+    return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, store, dtype, progress)

@@ -111,6 +111,12 @@ class FP8Experts(nn.Module):
                 return out
         return self.reference_forward(hidden_states, top_k_index, top_k_weights)
 
+    def gated(self, e: int, x: torch.Tensor, decode: bool) -> torch.Tensor:
+        """act(gate) * up of local expert e on its tokens x [T, H]: the input of its down projection
+        (calibrate.py computes the down projection's Hessian with this very function)."""
+        gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme, decode).chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
     def reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """One reference FP8 Linear pair per active expert (host loop over the expert counts)."""
         out = torch.zeros_like(hidden_states)
@@ -128,9 +134,8 @@ class FP8Experts(nn.Module):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            x = hidden_states[tokens]
-            gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme, decode).chunk(2, dim=-1)
-            y = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], self.down_proj_scale[e], None, self.scheme, decode)
+            y = fp8_linear(self.gated(e, hidden_states[tokens], decode), self.down_proj[e], self.down_proj_scale[e], None,
+                           self.scheme, decode)
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
             start += count
         return out
