@@ -87,28 +87,39 @@ def test_large_read_is_split_across_threads_and_reassembled(tmp_path, monkeypatc
     assert not _fp8stream_threads()
 
 
-def test_adjacent_tensors_into_adjacent_bytes_are_one_read(tmp_path):
+def test_adjacent_tensors_into_adjacent_bytes_are_one_read(tmp_path, monkeypatch):
     """An expert's gate_proj then up_proj (adjacent in the file) into consecutive bytes of one buffer, as a fused
-    gate_up chunk reads them: one positional read for both; a gap in the file or in the buffer keeps two. A file
-    truncated inside the second tensor names that tensor."""
+    gate_up chunk reads them: one positional read for both; a gap in the file or in the buffer keeps two, packed
+    into one job of the reader pool while they fit in a part. A file truncated inside the second tensor names
+    that tensor."""
     g, u, d = (torch.randn(16, 32).to(torch.bfloat16) for _ in range(3))
     save_file({"e.0.gate_proj": g, "e.0.up_proj": u, "e.1.down_proj": d}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     ckpt = Checkpoint(tmp_path, read_threads=2)
     order = sorted(ckpt.tensors, key=lambda k: ckpt.tensors[k].offset)
     assert order == ["e.0.gate_proj", "e.0.up_proj", "e.1.down_proj"]
+    preads = []
+    real = Checkpoint._pread
+    monkeypatch.setattr(Checkpoint, "_pread", lambda self, info, offset, view: preads.append(len(view)) or real(self, info, offset, view))
+
+    def reads_of(reads, part=1 << 20):
+        preads.clear()
+        jobs = ckpt.parts(reads, part)
+        for fn, *args in jobs:
+            fn(*args)
+        return len(jobs), sorted(preads)
+
     buf = torch.zeros(3 * 16 * 64, dtype=torch.uint8)
     reads = [("e.0.gate_proj", 4, 16, buf[: 12 * 64]), ("e.0.up_proj", 0, 10, buf[12 * 64 : 22 * 64])]
-    jobs = ckpt.parts(reads, 1 << 20)
-    assert len(jobs) == 1 and len(jobs[0][3]) == 22 * 64
-    ckpt.read_into(reads)
+    assert reads_of(reads) == (1, [22 * 64])
     assert torch.equal(buf[: 22 * 64].view(torch.bfloat16).view(22, 32), torch.cat([g[4:], u[:10]]))
-    # not adjacent in the file: gate_proj's last rows lie between the two ranges
-    assert len(ckpt.parts([("e.0.gate_proj", 0, 8, buf[: 8 * 64]), ("e.0.up_proj", 0, 4, buf[8 * 64 : 12 * 64])], 1 << 20)) == 2
-    # adjacent in the file, not in the buffer
-    assert len(ckpt.parts([("e.0.gate_proj", 0, 16, buf[: 16 * 64]), ("e.0.up_proj", 0, 4, buf[17 * 64 : 21 * 64])], 1 << 20)) == 2
-    # large runs are still cut into parts
-    assert len(ckpt.parts(reads, 512)) == -(-22 * 64 // 512)
+    # not adjacent in the file (gate_proj's last rows lie between), or not in the buffer: two reads, one job
+    assert reads_of([("e.0.gate_proj", 0, 8, buf[: 8 * 64]), ("e.0.up_proj", 0, 4, buf[8 * 64 : 12 * 64])]) == (1, [4 * 64, 8 * 64])
+    assert reads_of([("e.0.gate_proj", 0, 16, buf[: 16 * 64]), ("e.1.down_proj", 0, 4, buf[17 * 64 : 21 * 64])]) == (1, [4 * 64, 16 * 64])
+    assert torch.equal(buf[17 * 64 : 21 * 64].view(torch.bfloat16).view(4, 32), d[:4])
+    # a job never holds more than a part: large runs are cut, small reads are packed only while they fit
+    assert reads_of(reads, 512) == (-(-22 * 64 // 512), sorted([512] * (22 * 64 // 512) + [22 * 64 % 512]))
+    assert reads_of([("e.0.gate_proj", 0, 16, buf[: 16 * 64]), ("e.1.down_proj", 0, 4, buf[17 * 64 : 21 * 64])], 16 * 64)[0] == 2
     f = tmp_path / "model.safetensors"  # truncated while loading (after the header was checked)
     f.write_bytes(f.read_bytes()[: ckpt.tensors["e.0.up_proj"].offset + 100])
     with pytest.raises(CheckpointError, match=r"ends inside tensor 'e\.0\.up_proj'"):

@@ -170,11 +170,25 @@ class Checkpoint:
                 runs[-1] = (last[0] + (info,), last[1], last[2], last[3] + nbytes)
             else:
                 runs.append(((info,), begin, out, nbytes))
+        pending, pending_bytes = [], 0  # consecutive small reads packed into one job, up to part_size
         for infos, begin, out, nbytes in runs:
             view = memoryview(out.as_strided((nbytes,), (1,)).numpy())  # the run's bytes of the buffer
             for part in range(0, nbytes, part_size):
-                jobs.append((self._pread, infos if len(infos) > 1 else infos[0], begin + part, view[part : part + part_size]))
+                seg = (infos if len(infos) > 1 else infos[0], begin + part, view[part : part + part_size])
+                if pending and pending_bytes + len(seg[2]) > part_size:
+                    jobs.append(_job(self, pending))
+                    pending, pending_bytes = [], 0
+                pending.append(seg)
+                pending_bytes += len(seg[2])
+        if pending:
+            jobs.append(_job(self, pending))
         return jobs
+
+    def _pread_list(self, segments: list[tuple]) -> None:
+        """Several positional reads (`_pread` arguments) as one job: every job costs the reader pool some
+        Python under the GIL (queue, future, callbacks), which the loader thread then waits for."""
+        for info, offset, view in segments:
+            self._pread(info, offset, view)
 
     def submit(self, job: tuple):
         """Run one job of `parts` on the reader pool; returns its Future."""
@@ -367,3 +381,7 @@ def _key_at(info: TensorInfo | tuple[TensorInfo, ...], pos: int) -> str:
     """The key of the tensor (of a range of adjacent ones) holding file byte `pos`."""
     infos = info if isinstance(info, tuple) else (info,)
     return next((i.key for i in infos if i.offset <= pos < i.offset + i.nbytes), infos[-1].key)
+
+
+def _job(ckpt: Checkpoint, segments: list[tuple]) -> tuple:
+    return (ckpt._pread, *segments[0]) if len(segments) == 1 else (ckpt._pread_list, segments)

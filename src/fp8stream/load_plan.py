@@ -78,14 +78,31 @@ def _no_init_weights():
     from transformers import PreTrainedModel
 
     original = PreTrainedModel.__dict__.get("initialize_weights")
-    if original is None:
-        yield
-        return
-    PreTrainedModel.initialize_weights = lambda self: None
+    # torch's own layers initialise themselves in __init__ (nn.Linear.reset_parameters): on meta tensors that
+    # is work with no result (0.06 s of a 24-layer MoE's meta model on the CI box); real tensors are untouched
+    inits = {name: getattr(nn.init, name) for name in _TORCH_INITS if hasattr(nn.init, name)}
+    for name, fn in inits.items():
+        setattr(nn.init, name, _skip_on_meta(fn))
+    if original is not None:
+        PreTrainedModel.initialize_weights = lambda self: None
     try:
         yield
     finally:
-        PreTrainedModel.initialize_weights = original
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+        if original is not None:
+            PreTrainedModel.initialize_weights = original
+
+
+_TORCH_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
+                "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+def _skip_on_meta(fn):
+    def init(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else fn(tensor, *args, **kwargs)
+
+    return init
 
 
 def build_meta_model(config, dtype: torch.dtype):
