@@ -170,3 +170,26 @@ def test_stateful_or_custom_renamings_turn_reuse_off():
 
     for transform in (LayerPairCollapse(), PrefixChange(prefix_to_add="model")):
         assert not load_plan._number_blind(transform)
+
+
+def test_meta_model_skips_torch_init_on_meta_only(monkeypatch):
+    """build_meta_model: torch's init functions do nothing to meta parameters (nn.Linear.reset_parameters in
+    __init__), still initialise real tensors inside the build (constructors' buffers), and are restored after."""
+    from torch import nn
+
+    from fp8stream.load_plan import _no_init_weights
+    from tiny_models import make_config  # noqa: E402
+
+    calls = []
+    real = nn.init.kaiming_uniform_
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(t.is_meta) or real(t, *a, **k))
+    patched = nn.init.kaiming_uniform_
+    model = build_meta_model(make_config("llama"), torch.bfloat16)
+    assert all(p.is_meta for p in model.parameters()) and calls == []
+    assert nn.init.kaiming_uniform_ is patched  # restored
+    with _no_init_weights():
+        w = nn.init.uniform_(torch.zeros(64), 1.0, 2.0)
+        nn.Linear(4, 4, device="meta")
+    assert (w >= 1).all() and calls == []
+    nn.Linear(4, 4)
+    assert calls == [False]  # outside the build, torch's init runs as before
