@@ -127,6 +127,33 @@ def test_adjacent_tensors_into_adjacent_bytes_are_one_read(tmp_path, monkeypatch
     ckpt.close()
 
 
+def test_a_failing_part_fails_the_read_after_the_others_finish(tmp_path, monkeypatch):
+    """read_into over the reader pool: a part that raises makes read_into raise that error, only once every
+    other part has finished (none still writes into the buffer), and the pool keeps serving reads."""
+    x = torch.randn(8192, 256)  # 8 MiB over 4 threads: 8 parts of 1 MiB (2 per thread) once parts may be that small
+    save_file({"x": x}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path, read_threads=4)
+    monkeypatch.setattr("fp8stream.checkpoint._MIN_READ_PART", 1 << 20)
+    finished, real = [], Checkpoint._pread
+    first = ckpt.tensors["x"].offset
+
+    def flaky(self, info, offset, view):
+        if offset == first + (2 << 20):
+            raise CheckpointError(f"{info.file}: cannot read tensor '{info.key}' (Input/output error)")
+        real(self, info, offset, view)
+        finished.append(offset)
+
+    monkeypatch.setattr(Checkpoint, "_pread", flaky)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        ckpt.read_rows("x", 0, 8192)
+    assert len(finished) == 7  # 8 parts of 1 MiB, one failed, the others all done before the raise
+    monkeypatch.setattr(Checkpoint, "_pread", real)
+    assert torch.equal(ckpt.read_rows("x", 100, 8000), x[100:8000])
+    ckpt.close()
+    assert not _fp8stream_threads()
+
+
 def test_prefetcher_serves_requests_in_order_with_a_small_pool(two_tensor_ckpt):
     ckpt, ref = two_tensor_ckpt
     reqs = [Request((("a", i, i + 8),), torch.bfloat16, 8 * 48 * 2) for i in range(0, 64, 8)]

@@ -8,10 +8,11 @@ byte ranges the header gives, straight into the caller's (pinned) staging buffer
 from __future__ import annotations
 
 import json
+import queue
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class Checkpoint:
         self.read_threads = read_threads
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _ReaderPool | None = None
         self.bytes_read = 0  # tensor bytes read from the files so far
 
     def _shard_files(self) -> list[Path]:
@@ -190,12 +191,12 @@ class Checkpoint:
         for info, offset, view in segments:
             self._pread(info, offset, view)
 
-    def submit(self, job: tuple):
-        """Run one job of `parts` on the reader pool; returns its Future."""
+    def submit(self, job: tuple, done: Callable[[BaseException | None], None]) -> None:
+        """Run one job of `parts` on the reader pool; `done(error or None)` is called on the reader thread after it."""
         with self._lock:  # the prefetch thread and the loader may both read
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="fp8stream-read")
-        return self._pool.submit(*job)
+                self._pool = _ReaderPool(self.read_threads)
+        self._pool.put(job, done)
 
     def count_read(self, nbytes: int) -> None:
         with self._lock:
@@ -215,8 +216,21 @@ class Checkpoint:
         if len(jobs) == 1:
             jobs[0][0](*jobs[0][1:])
             return
-        for future in [self.submit(job) for job in jobs]:
-            future.result()
+        left, errors, all_done = [len(jobs)], [], threading.Event()
+
+        def done(error: BaseException | None) -> None:
+            with self._lock:
+                if error is not None:
+                    errors.append(error)
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+        for job in jobs:
+            self.submit(job, done)
+        all_done.wait()
+        if errors:
+            raise errors[0]
 
     def _pread_span(self, info: TensorInfo, offset: int, stride: int, seg: int, view: memoryview) -> None:
         rows = len(view) // seg if seg else 0
@@ -288,11 +302,43 @@ class Checkpoint:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
             self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class _ReaderPool:
+    """`threads` reader threads running (function, *args) jobs from one queue, each followed by its done(error)
+    callback. Lighter than a ThreadPoolExecutor (no Future per job): each job's Python runs under the GIL,
+    which the loader thread then waits for, and a load runs a few thousand jobs."""
+
+    def __init__(self, threads: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"fp8stream-read_{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def put(self, job: tuple, done: Callable[[BaseException | None], None]) -> None:
+        self._jobs.put((job, done))
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            (fn, *args), done = item
+            try:
+                fn(*args)
+            except BaseException as e:  # handed to done(): the caller raises it on its own thread
+                done(e)
+            else:
+                done(None)
+
+    def shutdown(self) -> None:
+        """Finish the queued jobs, then stop every thread."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
 
 
 def _no_duplicates(pairs):

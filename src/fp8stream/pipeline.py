@@ -94,7 +94,7 @@ class Prefetcher:
                         self._ready[i] = slot
                         self._cond.notify_all()
                 for job in jobs:
-                    self.ckpt.submit(job).add_done_callback(lambda f, i=i, slot=slot: self._landed(f, i, slot))
+                    self.ckpt.submit(job, lambda error, i=i, slot=slot: self._landed(error, i, slot))
         except BaseException as e:  # surfaces in take(); the loader stops
             with self._cond:
                 self._error = self._error or e
@@ -113,10 +113,9 @@ class Prefetcher:
         self._registered.append(buf)
         return buf
 
-    def _landed(self, future, i: int, slot: int) -> None:
+    def _landed(self, error: BaseException | None, i: int, slot: int) -> None:
         with self._cond:
             self._in_flight -= 1
-            error = future.exception()
             wake = error is not None or self._in_flight == 0  # take() / close() have something to see
             if error is not None:
                 self._error = self._error or error
