@@ -571,7 +571,7 @@ class _KernelWarmup:
 
     Why: the first launch of each of these kernels in a process loads its module into the CUDA context
     (lazy module loading): the first row quantization of a process took 0.07-0.31 s on the H100, the next
-    0.2-0.8 ms, and 0.009 s with CUDA_MODULE_LOADING=EAGER (bench/first_use_cost.py). On this thread that
+    0.2-0.8 ms, and 0.009-0.12 s with CUDA_MODULE_LOADING=EAGER (bench/first_use_cost.py). On this thread that
     wait overlaps the Python-bound setup instead of stalling the first chunks of the stream (fresh-process
     A/B: streaming 1.20 s with it, 1.36 s without; BENCHMARKS.md). Best effort: any error here is left for
     the real load to meet and report."""
