@@ -348,3 +348,28 @@ def test_timeline_png_and_json(tmp_path):
     assert loaded == sorted(loaded) and loaded[-1] == sum(i.nbytes for i in Checkpoint(path).tensors.values())
     assert max(s[1] for s in data["samples"]) <= rep.final_bytes + rep.staging_bytes
     assert rep.host_peak_bytes >= max(s[2] for s in data["samples"])
+
+
+def test_chunk_requests_cover_exactly_the_planned_rows(tmp_path):
+    """_Source.request finds a chunk's pieces by bisection: for any destination row range of a fused expert
+    parameter (16 pieces: each expert's gate and up), the reads are exactly the pieces' overlapping rows, in
+    destination order, as a scan over every piece gives them."""
+    import random
+
+    from fp8stream.load_plan import build_meta_model, build_plan
+
+    path, _ = make_checkpoint("qwen2_moe", tmp_path / "m")
+    ckpt = Checkpoint(path)
+    plans = build_plan(build_meta_model(loader._load_config(path), torch.bfloat16), ckpt)
+    plan = next(p for n, p in plans.items() if n.endswith("experts.gate_up_proj"))
+    assert len(plan.pieces) == 16
+    src = loader._Source(ckpt, torch.bfloat16, torch.device("cpu"))
+    rows = plan.shape[0] * plan.shape[1]
+    rng = random.Random(0)
+    for d0, d1 in [(0, rows), (0, 1), (rows - 1, rows)] + [sorted(rng.sample(range(rows + 1), 2)) for _ in range(200)]:
+        if d0 == d1:
+            continue
+        scan = [(p.key, p.src_row + max(d0, p.dst_row) - p.dst_row, p.src_row + min(d1, p.dst_row + p.rows) - p.dst_row)
+                for p in sorted(plan.pieces, key=lambda p: p.dst_row) if max(d0, p.dst_row) < min(d1, p.dst_row + p.rows)]
+        assert list(src.request(plan, d0, d1, "gate_up").reads) == scan
+    ckpt.close()

@@ -9,6 +9,7 @@ whatever the model size or the largest tensor.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import gc
 import json
@@ -179,6 +180,7 @@ class _Source:
         self._copy_stream = None
         self._consumed: list = []  # compute-stream events, one per chunk handed out (CUDA)
         self.loaded_bytes = 0  # bytes of checkpoint data handed to the device so far (for the timeline)
+        self._sorted: dict[int, tuple] = {}  # id(plan) -> (plan, pieces by destination row, their first rows)
 
     def itemsize(self, plan: TargetPlan | None) -> int:
         if plan is None:
@@ -186,15 +188,27 @@ class _Source:
         return max(self.ckpt.tensors[k].dtype.itemsize for k in plan.sources)
 
     def request(self, plan: TargetPlan, d0: int, d1: int, name: str) -> Request | None:
-        """The reads behind destination rows [d0, d1); None when the sources differ in dtype (rare)."""
+        """The reads behind destination rows [d0, d1), in destination order (the buffer's row order); None when
+        the sources differ in dtype (rare)."""
+        pieces, starts = self._pieces_of(plan)
         reads = []
-        for p in plan.pieces:
+        for p in pieces[max(bisect.bisect_right(starts, d0) - 1, 0) :]:  # a chunk spans few of an expert param's 120
+            if p.dst_row >= d1:
+                break
             lo, hi = max(d0, p.dst_row), min(d1, p.dst_row + p.rows)
             if lo < hi:
                 reads.append((p.key, p.src_row + lo - p.dst_row, p.src_row + hi - p.dst_row))
         if sum(b - a for _, a, b in reads) != d1 - d0:
             raise CheckpointError(f"{self.ckpt.path}: checkpoint rows for '{name}' do not cover rows [{d0}, {d1})")
         return self._request(tuple(reads), plan.cols)
+
+    def _pieces_of(self, plan: TargetPlan) -> tuple[list, list[int]]:
+        """The plan's pieces sorted by destination row, and their first rows (cached per plan)."""
+        cached = self._sorted.get(id(plan))
+        if cached is None or cached[0] is not plan:
+            pieces = sorted(plan.pieces, key=lambda p: p.dst_row)
+            cached = self._sorted[id(plan)] = (plan, pieces, [p.dst_row for p in pieces])
+        return cached[1], cached[2]
 
     def _request(self, reads, cols: tuple[int, int] | None = None) -> Request | None:
         infos = [self.ckpt.tensors[k] for k, _, _ in reads]
