@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infer import _quantize_weight  # noqa: E402
-from sweep_gemv import best_config, time_graph  # noqa: E402
+from sweep_gemv import best_config, emit, time_graph  # noqa: E402
 
 from fp8stream import kernels as K  # noqa: E402
 
@@ -83,9 +82,7 @@ def main(argv=None) -> int:
                     best = best_config(configs, run, ref_gu if kern == "gate_up" else ref_dn, 1e-2, kern)
                     if best:
                         rec[f"{kern}_best_us"], rec[f"{kern}_best_config"] = best
-                print(json.dumps(rec), flush=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                emit(rec, args.out)
     return 0
 
 

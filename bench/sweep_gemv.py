@@ -55,6 +55,13 @@ def time_graph(fns, reps: int = 3) -> float:
     return a.elapsed_time(b) * 1e3 / (5 * reps * len(fns))
 
 
+def emit(rec: dict, out) -> None:
+    """One result: printed, and appended to the JSON-lines file `out` (the three sweeps' shared output)."""
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def best_config(configs, fns_of, ref: torch.Tensor, tol: float, label: str = "", reps: int = 2):
     """(µs, config) of the fastest config whose first call matches ref (relative error <= tol), timed with
     time_graph over fns_of(config); configs that do not compile or compute wrongly are printed and skipped.
@@ -131,9 +138,7 @@ def main(argv=None) -> int:
                     if best:
                         rec[f"{kern}_best_us"], rec[f"{kern}_best_config"] = best
                 rec["floor_us"] = n * k / hbm  # FP8 weight bytes at the card's HBM bandwidth
-                print(json.dumps(rec), flush=True)
-                with open(out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                emit(rec, out)
                 rows.append(rec)
     print(f"\nsweep took {time.perf_counter() - t_start:.0f} s\n")
     head = " | ".join(f"{kk} default | {kk} best (BN,BK,warps,stages)" for kk in kernels)

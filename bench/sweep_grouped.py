@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_gemv import best_config, time_graph  # noqa: E402
+from sweep_gemv import best_config, emit, time_graph  # noqa: E402
 
 from fp8stream import kernels as K  # noqa: E402
 from fp8stream.quantize import quantize_activation  # noqa: E402
@@ -80,9 +79,7 @@ def main(argv=None) -> int:
                 if best:
                     rec["triton_best_us"], rec["triton_best_config"] = round(best[0], 1), best[1]
                     rec["triton_best_tflops"] = round(flop / best[0] / 1e6, 1)
-                print(json.dumps(rec), flush=True)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                emit(rec, args.out)
 
     return 0
 
