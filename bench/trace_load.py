@@ -13,6 +13,8 @@ and the time to the first read. Prints per load:
   take_wait_s        the loader thread blocked waiting for reads (read-bound when large)
   copy_in_s          the loader thread inside _copy_in (device-bound when large)
   loader_other_s     the rest of the loader thread's streaming time: Python + kernel launches
+  phases             per step of load() (config, headers, meta model, plan, ..., warm-up join, pinning,
+                     the end: close, report): [first start, last end] after the call, and summed seconds
 """
 
 from __future__ import annotations
@@ -66,10 +68,35 @@ def _wrap_peak(name):
     setattr(L, name, wrapped)
 
 
+# load()'s steps, in call order: wrapped where load() looks them up, so their timestamps land in EVENTS.
+# A step missing from an older loader tree (A/B runs) is skipped.
+PHASES = [(L, "_load_config"), (Checkpoint, "__init__"), (L, "build_meta_model"), (L, "build_plan"),
+          (L, "replace_with_fp8"), (L, "_targets"), (L.MemoryLedger, "check_fits"), (L, "_quantized_chunks"),
+          (L, "_kept_chunks"), (L, "_schedule"), (L._Source, "start"), (P.Prefetcher, "_new_buffer"),
+          (getattr(L, "_KernelWarmup", None), "join"), (L.MemoryLedger, "start"), (L._Source, "close"),
+          (Checkpoint, "close"), (L.MemoryLedger, "stop"), (L, "_attach_generation_config")]
+
+
+def _phase_name(owner, name) -> str:
+    return f"{getattr(owner, '__name__', 'loader').split('.')[-1]}.{name}"
+
+
 def instrument() -> None:
     _wrap(Checkpoint, "_pread", "read", lambda a: len(a[3]))
     _wrap(P.Prefetcher, "take", "take")
     _wrap(L._Source, "_copy_in", "copy_in")
+    for owner, name in PHASES:
+        if owner is not None and hasattr(owner, name):
+            _wrap(owner, name, "phase:" + _phase_name(owner, name))
+
+
+def phases(t_call: float) -> dict:
+    """{step: [first start, last end] after the call (s), summed s, calls}, in order of first start."""
+    out: dict[str, list] = {}
+    for kind, _, t0, t1, _ in sorted((e for e in EVENTS if e[0].startswith("phase:") and e[2] >= t_call), key=lambda e: e[2]):
+        rec = out.setdefault(kind[6:], [t0 - t_call, t1 - t_call, 0.0, 0])
+        rec[1], rec[2], rec[3] = max(rec[1], t1 - t_call), rec[2] + t1 - t0, rec[3] + 1
+    return {k: [round(v[0], 3), round(v[1], 3), round(v[2], 3), v[3]] for k, v in out.items()}
 
 
 def summarize(t_call: float, t_end: float, threads: int) -> dict:
@@ -89,6 +116,7 @@ def summarize(t_call: float, t_end: float, threads: int) -> dict:
     busy = sum(e[3] - e[2] for e in reads)
     total = sum(e[4] for e in reads)
     loader = [e for e in ev if e[0] in ("take", "copy_in")]
+    takes = [e for e in loader if e[0] == "take"]
     take = sum(e[3] - e[2] for e in loader if e[0] == "take")
     copy = sum(e[3] - e[2] for e in loader if e[0] == "copy_in")
     return {
@@ -99,7 +127,10 @@ def summarize(t_call: float, t_end: float, threads: int) -> dict:
         "part_gap_ms_mean": round(1e3 * sum(gaps) / max(1, len(gaps)), 3),
         "part_gap_ms_p90": round(1e3 * sorted(gaps)[int(0.9 * len(gaps))], 3) if gaps else None,
         "take_wait_s": round(take, 3), "copy_in_s": round(copy, 3),
-        "loader_other_s": round(stream - take - copy, 3), "chunks": sum(1 for e in loader if e[0] == "take"),
+        "loader_other_s": round(stream - take - copy, 3), "chunks": len(takes),
+        "first_read_s": round(first - t_call, 3), "first_chunk_s": round(min(e[3] for e in takes) - t_call, 3) if takes else None,
+        "last_chunk_s": round(max(e[3] for e in takes) - t_call, 3) if takes else None,
+        "phases": phases(t_call),
     }
 
 
@@ -114,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part-mib", type=float, default=None, help="read-ahead part size for a trial (pipeline.PART_BYTES)")
     ap.add_argument("--device", default="cuda", help="cpu: smoke test (no read-ahead pool on the CPU)")
     ap.add_argument("--peak-trace", action="store_true", help="sync after every parameter; print where the device peak rises")
+    ap.add_argument("--model-code-outside-clock", action="store_true",
+                    help="import the modeling code and build transformers' renaming table first, as bench_load.py does")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     cuda = args.device != "cpu"
@@ -121,6 +154,10 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM  # noqa: F401  (import cost outside the clock, as bench_load)
 
     transformers.logging.set_verbosity_error()
+    if args.model_code_outside_clock:
+        from bench_load import import_model_code  # this script's own directory is on sys.path
+
+        import_model_code(args.ckpt)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.part_mib:

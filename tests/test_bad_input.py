@@ -386,6 +386,16 @@ def test_inf_in_kept_weight(ckpt, key, value):
     expect_error(d, f, key, "NaN or Inf")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_inf_in_kept_weight_cuda(ckpt, value):
+    """On CUDA the kept chunks' check is an inf-norm reduction on the device: NaN and both infinities reach it."""
+    d = ckpt("llama_sharded")
+    key = "model.embed_tokens.weight"
+    f = set_value(d, key, (3, 2), value)
+    expect_error(d, f, key, "NaN or Inf", device="cuda")
+
+
 def test_kept_weight_overflows_target_dtype(ckpt):
     """A float32 norm weight of 1e5 is finite but is Inf in float16: refuse rather than keep an Inf."""
     d = ckpt("llama")

@@ -29,7 +29,7 @@ def test_rows_roundtrip_and_scale():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rows_into_slices_equals_plain_formula(dtype):
-    """The loader's five-kernel path (no clamp when the scale is the row's own amax) gives, bit for bit,
+    """The loader's path (no clamp when the scale is the row's own amax) gives, bit for bit,
     fp8(clamp(x / (amax / 448))) and writes only its slice of the final storage; also for rows whose
     amax sits at the ends of the dtype's range, where x / scale rounds to just above 448."""
     from fp8stream.quantize import quantize_rows_into, round_fp8, scale_from_amax
@@ -50,6 +50,44 @@ def test_rows_into_slices_equals_plain_formula(dtype):
     given = torch.full((64,), float(want_s.min()))  # a shared scale smaller than most rows need: clamped
     q, s = quantize_rows(x, given)
     assert torch.equal(s, given) and torch.equal(q.view(torch.uint8), round_fp8(x, given.unsqueeze(-1)).view(torch.uint8))
+
+
+def test_rows_into_leaves_float32_input_unchanged():
+    """The CPU path divides a float32 copy in place: never the caller's float32 tensor itself."""
+    from fp8stream.quantize import quantize_rows_into
+
+    x = torch.randn(8, 64) * 3
+    before = x.clone()
+    for given in (None, torch.full((8,), 0.05)):
+        quantize_rows_into(x, torch.empty(8, 64, dtype=FP8_DTYPE), torch.empty(8), given)
+        assert torch.equal(x, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_into_cuda_casts_as_it_stores(dtype):
+    """CUDA quantizes with the division casting to fp8 as it stores: the same bits as dividing into a float32
+    tensor and converting it, including rows at the ends of the dtype's range and all-zero rows, and no
+    device temporary the size of the chunk (the loader's staging budget counts none)."""
+    from fp8stream.quantize import quantize_rows_into, round_fp8
+
+    g = torch.Generator().manual_seed(1)
+    big = torch.finfo(dtype).max
+    x = (torch.randn(4096, 2048, generator=g) * torch.logspace(-6, 4, 4096).unsqueeze(1)).clamp(-big, big).to(dtype)
+    x[0, 7], x[1, 3], x[2] = big, -big, 0
+    x = x.cuda()
+    q, s = torch.empty(4096, 2048, dtype=FP8_DTYPE, device="cuda"), torch.empty(4096, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    quantize_rows_into(x, q, s)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 2**20  # vs 32 MiB for a float32 quotient
+    # CUDA divides by the scalar 448 as a multiplication by its reciprocal: scales may differ from the
+    # CPU's by an ulp; the fp8 values are exact for the scales used
+    want_s = (x.float().abs().amax(-1) / 448).clamp(min=torch.finfo(torch.float32).tiny)
+    assert torch.allclose(s, want_s, rtol=2.5e-7, atol=0)
+    assert torch.equal(q.view(torch.uint8), round_fp8(x, s.unsqueeze(-1)).view(torch.uint8))
 
 
 def test_zero_rows_and_blocks_get_safe_scales():

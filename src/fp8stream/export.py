@@ -116,10 +116,10 @@ def _clear_checkpoint_files(out: Path) -> None:
             f.unlink()
 
 
-def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str, block: bool) -> int:
-    from .loader import _rows_per_chunk as rows_per_chunk, _stage_extra  # the loader's chunking and budget
+def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str, scheme: str) -> int:
+    from .loader import _rows_per_chunk as rows_per_chunk, _stage_extra, _stage_kind  # the loader's chunking and budget
 
-    return rows_per_chunk(width, src_itemsize, staging, align, name, _stage_extra("blocks" if block else "rows", src_itemsize, torch.device("cpu")))
+    return rows_per_chunk(width, src_itemsize, staging, align, name, _stage_extra(_stage_kind(scheme), src_itemsize, torch.device("cpu")))
 
 
 def _module_of(key: str) -> str:
@@ -252,7 +252,7 @@ class _Exporter:
         n, k = info.shape
         block = self.scheme == "fp8_per_block"
         itemsize = info.dtype.itemsize
-        step = _rows_per_chunk(k, itemsize, self.staging, BLOCK if block and n >= BLOCK else 1, info.key, block)
+        step = _rows_per_chunk(k, itemsize, self.staging, BLOCK if block and n >= BLOCK else 1, info.key, self.scheme)
         if block:
             step = min(step, math.ceil(n / BLOCK) * BLOCK)
             scales = torch.empty(math.ceil(n / BLOCK), math.ceil(k / BLOCK))

@@ -39,11 +39,22 @@ log = logging.getLogger("fp8stream")
 # Kept in full precision unless the user asks otherwise: MoE routers and shared-expert gates (tiny,
 # and routing decisions are sensitive); the output embedding is added by name at load time.
 DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
-# Device bytes per staged element besides the source chunk itself, measured on an H100 with
-# bench/stage_bytes.py: quantizing rows 5 (float32 copy + fp8 result; the fp8 result now goes straight
-# into the final weight, so 4 are used and 5 stay budgeted), 128x128 blocks 9 (+ the per-element float32
-# scale), a kept chunk 5 (isfinite: abs() in bf16 + three bool masks).
-_STAGE_BYTES_PER_ELEM = {"rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3}
+# Bytes per staged element besides the source chunk itself, per device type, measured with
+# bench/stage_bytes.py (CUDA allocator peaks on an H100) and RSS peaks on the CPU:
+# - rows: quantizing rows with their own amax. CUDA: nothing the size of the chunk (quantize_rows_into
+#   casts as it stores); 1 stays budgeted for the fp8 result where it is a temporary (export). CPU: a float32
+#   copy + that byte.
+# - scaled_rows: rows with given scales (per-tensor, or rows split over ranks by columns): a float32 copy,
+#   clamped in place, + 1.
+# - blocks: 128x128 blocks: float32 copy + per-element float32 scale + fp8 result.
+# - kept: the copy into the final tensor, then an inf-norm (NaN / Inf propagate through it): no temporary;
+#   1 budgeted on CUDA. CPU: 5, to keep the chunks as small as before: glibc holds on to freed read buffers of
+#   a few MiB in its heaps, and with chunks twice as large RssAnon exceeded the ledger by 107 MiB instead of
+#   17-40 (tests/test_load.py::test_host_rss_cross_checks_cpu_ledger).
+_STAGE_BYTES_PER_ELEM = {
+    "cuda": {"rows": 1, "scaled_rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 1},
+    "cpu": {"rows": 4 + 1, "scaled_rows": 4 + 1, "blocks": 4 + 4 + 1, "kept": 2 + 3},
+}
 # Budgeted on top: 2 bytes per element for the allocator's 2 MiB rounding of the final tensors, which
 # torch.cuda.max_memory_allocated counts and the report's tensor bytes do not (27 MiB on Qwen1.5-MoE).
 _ROUNDING_MARGIN = 2
@@ -52,7 +63,8 @@ _ROUNDING_MARGIN = 2
 def _stage_extra(kind: str, src_itemsize: int, device: torch.device) -> int:
     """Budgeted device bytes per staged element besides the source chunk. On CUDA the next chunk's
     source is copied in (on the copy stream) while this one is quantized: one more source chunk."""
-    return _STAGE_BYTES_PER_ELEM[kind] + _ROUNDING_MARGIN + (src_itemsize if device.type == "cuda" else 0)
+    cuda = device.type == "cuda"
+    return _STAGE_BYTES_PER_ELEM["cuda" if cuda else "cpu"][kind] + _ROUNDING_MARGIN + (src_itemsize if cuda else 0)
 
 
 @dataclass
@@ -313,11 +325,19 @@ class _Chunks:
     kind: str = "rows"  # staging kind (_STAGE_BYTES_PER_ELEM)
 
 
+def _stage_kind(scheme: str, cols_split: bool = False) -> str:
+    """The staging kind (_STAGE_BYTES_PER_ELEM) of quantizing one chunk under `scheme`; rows split by columns
+    over ranks get their scales from the whole row's amax (given scales)."""
+    if scheme == "fp8_per_block":
+        return "blocks"
+    return "scaled_rows" if scheme == "fp8_per_tensor" or cols_split else "rows"
+
+
 def _quantized_chunks(t: _Target, src: _Source, scheme: str, staging: int) -> _Chunks:
     shape = tuple(t.module._parameters[t.attr].shape)
     n, k = shape[-2], shape[-1]
     block = scheme == "fp8_per_block"
-    kind = "blocks" if block else "rows"
+    kind = _stage_kind(scheme, t.plan is not None and t.plan.cols is not None)
     step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name,
                            _stage_extra(kind, src.itemsize(t.plan), src.device))
     if block:
@@ -486,20 +506,20 @@ def _load_kept(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, dtype
         dst_flat = dst.view(flat, width) if width else dst.view(-1)
         itemsize = src.itemsize(t.plan)
         step = c.step
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        for d0, d1 in c.rows:
-            # the source rows, then isfinite's temporaries: abs() in the model dtype and three bool masks
+        # NaN/Inf in the checkpoint, or values that overflow the model dtype: each chunk's inf-norm (NaN and Inf
+        # propagate through it), into a device vector checked once per load: no sync per chunk, no temporaries.
+        norms = torch.zeros(len(c.rows), dtype=dst.dtype, device=device) if dst.is_floating_point() else None
+        for i, (d0, d1) in enumerate(c.rows):
             staged = (d1 - d0) * (width or 1) * (itemsize + _stage_extra("kept", itemsize, device))
             ledger.stage(staged)
             x = src.rows(t.plan, d0, d1, width, t.name)
             out = dst_flat[d0:d1]
             out.copy_(x.reshape(out.shape))  # dtype conversion on the device, in place
-            if out.is_floating_point():
-                # NaN/Inf in the checkpoint, or values that overflow the model dtype. Checked per chunk
-                # (isfinite's temporaries stay within staging) into a device flag: no sync per chunk.
-                finite &= torch.isfinite(out).all()
+            if norms is not None:
+                torch.linalg.vector_norm(out, float("inf"), out=norms[i])  # in the model dtype: max is exact
             del x, out
             ledger.unstage(staged)
+        finite = torch.isfinite(norms).all() if norms is not None else torch.ones((), dtype=torch.bool, device=device)
         t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
         return finite, lambda: _raise_kept_non_finite(t, src, dst_flat, flat, width, step, out_dtype)
     t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
@@ -615,7 +635,9 @@ class _KernelWarmup:
                 quantize_rows_into(x, q, s, scale_from_amax(tensor_amax(x)).expand(64))
             kept = torch.empty(64, 2048, dtype=dtype, device=device)
             kept.copy_(x)
-            torch.stack([torch.isfinite(kept).all(), torch.isfinite(s).all()]).all().item()
+            norms = torch.zeros(2, dtype=dtype, device=device)
+            torch.linalg.vector_norm(kept, float("inf"), out=norms[0])
+            torch.stack([torch.isfinite(norms).all(), torch.isfinite(s).all()]).all().item()
         except Exception as e:  # pragma: no cover - best effort, see the docstring
             log.debug("kernel warm-up: %s", e)
 
@@ -704,6 +726,7 @@ def load(
         float_dtypes = [i.dtype for i in ckpt.tensors.values() if i.dtype.is_floating_point and i.dtype.itemsize > 1]
         src_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else dtype
     warmup = _KernelWarmup(dev, src_dtype, dtype, scheme) if dev.type == "cuda" else None
+    src = None
     try:
         try:
             model = build_meta_model(config, dtype)
@@ -755,20 +778,28 @@ def load(
         for t, c in work:
             if t.name in scales:
                 c.amax_reads = []  # stored FP8: no amax pass
+        schedule = _schedule(src, work)
+        t0 = time.perf_counter()
+        ledger.mark_host_base()  # before the pinned pool: the host peak counts it
+        # Reading ahead (and pinning the pool) starts now, on the prefetcher's threads, while the warm-up thread
+        # may still be loading kernels: host work only, no device memory before the ledger starts.
+        src.start(schedule)
     except BaseException:
         if warmup is not None:
             warmup.join()  # no thread outlives a failed load
+        if src is not None:
+            src.close()
+        if ckpt is not None:
+            ckpt.close()
         raise
-    if warmup is not None:
-        warmup.join()  # before the ledger starts: its tiny tensors are no part of the load's peak
-    t0 = time.perf_counter()
-    sampler = Sampler(dev, src, interval_s=0.005)
-    ledger.start(sampler)
     n_quant = n_kept = 0
     try:
+        if warmup is not None:
+            warmup.join()  # before the ledger starts: its tiny tensors are no part of the load's peak
+        sampler = Sampler(dev, src, interval_s=0.005)
+        ledger.start(sampler)
         from tqdm import tqdm
 
-        src.start(_schedule(src, work))
         bar = tqdm(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
         checks = []  # (device flag: all finite, raises the one-line error naming the tensor)
         with torch.no_grad():

@@ -80,12 +80,17 @@ class MemoryLedger:
                 f"but only {gib(free)} is free"
             )
 
+    def mark_host_base(self) -> None:
+        """Take the host RSS base now (before host buffers of the load exist), if start() comes later."""
+        self.rss_base = _rss_anon_bytes()
+
     def start(self, sampler: Sampler | None = None) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.cuda_base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss_base = _rss_anon_bytes()
+        if self.rss_base is None:
+            self.rss_base = _rss_anon_bytes()
         self.sample()
         self.sampler = sampler
         if sampler is not None:

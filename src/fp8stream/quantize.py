@@ -47,17 +47,27 @@ def quantize_rows(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> tup
 def quantize_rows_into(x: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor,
                        row_scale: torch.Tensor | None = None) -> None:
     """quantize_rows writing straight into q_out (fp8, x's shape) and s_out (float32 [rows]), e.g. slices of
-    the loader's final weight and scales: no fp8 temporary and no copy into the final storage afterwards
-    (five kernels, one float32 temporary)."""
-    if row_scale is None:
+    the loader's final weight and scales: no fp8 temporary and no copy into the final storage afterwards.
+
+    Temporaries (the loader's staging budget, bench/stage_bytes.py): on CUDA none the size of x with the
+    rows' own amax (the reduction upcasts as it reads; the division runs in float32 and casts to fp8 as it
+    stores), else one float32 copy of x (CPU kernels would promote x and the quotient to two float32
+    temporaries instead). Same bits either way."""
+    if row_scale is None and x.device.type == "cuda":
         # amax in float32 of the exact source values (abs and max never round)
         torch.linalg.vector_norm(x, float("inf"), dim=-1, dtype=torch.float32, out=s_out)
         s_out.div_(FP8_MAX).clamp_(min=_TINY)  # = scale_from_amax
         # |x| <= amax, so |x / scale| <= 448 * (1 + 2^-23), which rounds to 448: no clamp needed
-        q_out.copy_(torch.div(x, s_out.unsqueeze(-1)))
+        torch.div(x, s_out.unsqueeze(-1), out=q_out)
+        return
+    x32 = x.to(torch.float32, copy=True)  # never x itself: the caller's tensor is left as it is
+    if row_scale is None:
+        torch.linalg.vector_norm(x32, float("inf"), dim=-1, out=s_out)
+        s_out.div_(FP8_MAX).clamp_(min=_TINY)
+        q_out.copy_(x32.div_(s_out.unsqueeze(-1)))
     else:
         s_out.copy_(row_scale)
-        q_out.copy_(torch.div(x, s_out.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX))
+        q_out.copy_(x32.div_(s_out.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX))
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
