@@ -12,7 +12,7 @@ import fp8stream
 from fp8stream import loader
 from fp8stream.checkpoint import Checkpoint
 from fp8stream.errors import CheckpointError
-from fp8stream.pipeline import Prefetcher, Request, host_view
+from fp8stream.pipeline import Prefetcher, Request
 from tiny_models import make_checkpoint
 
 
@@ -162,8 +162,8 @@ def test_prefetcher_serves_requests_in_order_with_a_small_pool(two_tensor_ckpt):
     reqs.append(Request((("b", 38, 42),), torch.float16, 4 * 32 * 2))  # crosses an expert boundary
     pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False)
     for i, req in enumerate(reqs):
-        buf, slot = pf.take(i)
-        got = host_view(ckpt, req, buf).clone()
+        rows, slot = pf.take(i)
+        got = rows.clone()
         pf.release(slot, None)
         want = ref["a"][i * 8 : i * 8 + 8] if i < 8 else ref["b"].reshape(-1, 32)[38:42]
         assert torch.equal(got, want), i
@@ -191,8 +191,8 @@ def test_prefetcher_reads_several_items_at_once_in_small_parts(two_tensor_ckpt, 
     monkeypatch.setattr(Checkpoint, "_pread", spy)
     pf = Prefetcher(ckpt, reqs, buffers=3, pinned=False, part_size=500)  # 1536-byte items: 4 parts each
     for i, req in enumerate(reqs):
-        buf, slot = pf.take(i)
-        assert torch.equal(host_view(ckpt, req, buf), ref["a"][i * 16 : i * 16 + 16]), i
+        rows, slot = pf.take(i)
+        assert torch.equal(rows, ref["a"][i * 16 : i * 16 + 16]), i
         pf.release(slot, None)
     pf.close()
     assert pf._bufs == [None] * 3 and pf._in_flight == 0
@@ -234,8 +234,8 @@ def test_pinned_pool_registers_its_pages_and_unregisters_on_close(two_tensor_ckp
     reqs = [Request((("a", i, i + 16),), torch.bfloat16, 16 * 48 * 2) for i in range(0, 64, 16)]
     pf = Prefetcher(ckpt, reqs, buffers=2, pinned=True)
     for i, req in enumerate(reqs):
-        buf, slot = pf.take(i)
-        assert torch.equal(host_view(ckpt, req, buf), ref["a"][i * 16 : i * 16 + 16]), i
+        rows, slot = pf.take(i)
+        assert torch.equal(rows, ref["a"][i * 16 : i * 16 + 16]), i
         pf.release(slot, None)
     ptrs = [b.data_ptr() for b in pf._bufs]
     pf.close()
@@ -286,8 +286,7 @@ def test_host_memory_stays_at_the_pool_on_a_checkpoint_much_larger_than_it(tmp_p
     peak, seen = 0, 0
     pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False, part_size=256 << 10)
     for i, req in enumerate(reqs):
-        buf, slot = pf.take(i)
-        got = host_view(ckpt, req, buf)
+        got, slot = pf.take(i)
         assert got[0, 0] == i * step and got[-1, -1] == i * step + step - 1  # the right rows arrived
         seen += req.nbytes
         peak = max(peak, _rss_anon_bytes() - base)

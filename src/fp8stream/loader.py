@@ -29,7 +29,7 @@ from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
-from .pipeline import Prefetcher, Request, host_view, read_now, row_bytes
+from .pipeline import Prefetcher, Request, read_now, row_bytes
 from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, replace_with_fp8, sensitive_modules
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
 from .report import LoadReport
@@ -189,7 +189,7 @@ class _Source:
         self._schedule: list[Request] = []
         self._keys: list[tuple] = []  # (parameter name, d0, d1) of each scheduled row chunk (None: amax reads)
         self._pos = 0
-        self._copy_stream = None
+        self._copy_stream = self._compute_stream = None
         self._consumed: list = []  # compute-stream events, one per chunk handed out (CUDA)
         self.loaded_bytes = 0  # bytes of checkpoint data handed to the device so far (for the timeline)
         self._sorted: dict[int, tuple] = {}  # id(plan) -> (plan, pieces by destination row, their first rows)
@@ -273,8 +273,7 @@ class _Source:
             self._pos += 1
         if self._prefetcher is None or not on_schedule:
             return read_now(self.ckpt, req).to(self.device)  # a no-op on the CPU
-        buf, slot = self._prefetcher.take(self._pos - 1)
-        host = host_view(self.ckpt, req, buf)
+        host, slot = self._prefetcher.take(self._pos - 1)
         if self.device.type == "cuda":
             x, event = self._copy_in(host)
         else:  # the buffer goes back to the pool at once: copy out of it
@@ -289,18 +288,21 @@ class _Source:
         is allocated, the loader thread waits until the device has finished the chunk before the last
         one, whose memory the allocator can then hand out again (it was freed, with record_stream, on
         the compute stream)."""
-        compute = torch.cuda.current_stream(self.device)
-        if self._copy_stream is None:
+        if self._copy_stream is None:  # the load runs on the caller's current stream: looked up once
+            self._compute_stream = torch.cuda.current_stream(self.device)
             self._copy_stream = torch.cuda.Stream(self.device)
-        done = torch.cuda.Event()
-        done.record(compute)  # everything issued so far, i.e. the previous chunk's quantization
-        self._consumed.append(done)
+        compute, copy = self._compute_stream, self._copy_stream
+        # Few torch calls here: each one releases the GIL, and getting it back means waiting for the
+        # reader threads' Python (set_stream twice instead of a `torch.cuda.stream` context).
+        self._consumed.append(compute.record_event())  # everything issued so far: the previous chunk's quantization
         if len(self._consumed) >= 2:  # [after chunk i-2's quantization, after chunk i-1's]: wait for the first
             self._consumed.pop(0).synchronize()
-        with torch.cuda.stream(self._copy_stream):
+        torch.cuda.set_stream(copy)
+        try:
             x = host.to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self._copy_stream)  # also: the pinned buffer may be refilled
+            copied = copy.record_event()  # also: the pinned buffer may be refilled
+        finally:
+            torch.cuda.set_stream(compute)
         compute.wait_event(copied)
         x.record_stream(compute)
         return x, copied

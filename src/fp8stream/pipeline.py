@@ -56,6 +56,7 @@ class Prefetcher:
         for slot in range(buffers):
             self._free.put(slot)
         self._ready: dict[int, int] = {}
+        self._rows: dict[int, torch.Tensor] = {}  # item -> its buffer viewed as rows of its dtype
         self._left: dict[int, int] = {}  # item -> parts still being read
         self._in_flight = 0  # parts submitted and not finished (close() waits for them)
         self._cond = threading.Condition()
@@ -87,7 +88,9 @@ class Prefetcher:
                     self.pinned_bytes = sum(b.numel() for b in self._bufs if b is not None)
                 jobs = self.ckpt.parts(_reads(self.ckpt, req, self._bufs[slot]), self.part_size)
                 self.ckpt.count_read(req.nbytes)
+                rows = host_view(self.ckpt, req, self._bufs[slot])  # here, not on the loader thread's critical path
                 with self._cond:
+                    self._rows[i] = rows
                     self._left[i] = len(jobs)
                     self._in_flight += len(jobs)
                     if not jobs:
@@ -129,14 +132,15 @@ class Prefetcher:
                 self._cond.notify_all()
 
     def take(self, i: int) -> tuple[torch.Tensor, int]:
-        """The filled buffer of schedule item i (blocks until it is read), and its slot."""
+        """Schedule item i's rows (a view of its filled buffer; blocks until it is read), and its slot."""
         with self._cond:
             while i not in self._ready and self._error is None:
                 self._cond.wait()
             if self._error is not None and i not in self._ready:
                 raise self._error
             slot = self._ready.pop(i)
-        return self._bufs[slot][: self.schedule[i].nbytes], slot
+            rows = self._rows.pop(i)
+        return rows, slot
 
     def release(self, slot: int, event) -> None:
         self._events[slot] = event
