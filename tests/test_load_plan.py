@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -166,10 +167,38 @@ def test_renamings_that_see_numbers_are_not_reused(pairs, reuse):
 
 
 def test_stateful_or_custom_renamings_turn_reuse_off():
-    from transformers.core_model_loading import LayerPairCollapse, PrefixChange
+    import transformers.core_model_loading as cml
 
-    for transform in (LayerPairCollapse(), PrefixChange(prefix_to_add="model")):
+    transforms = [cml.PrefixChange(prefix_to_add="model")]
+    if hasattr(cml, "LayerPairCollapse"):  # transformers >= 5.24
+        transforms.append(cml.LayerPairCollapse())
+    for transform in transforms:
         assert not load_plan._number_blind(transform)
+
+
+def _compiled_as(pairs, regexes):
+    """Renamings whose compiled regexes are given, as older transformers compile them (5.17: 'LayerNorm.gamma' with no
+    '(?!\\w)' after it, '.weight_g$' with its anchor)."""
+    out = _renamings(*pairs)
+    for t, rx in zip(out, regexes):
+        t.compiled_sources = re.compile(rx)
+    return out
+
+
+def test_older_transformers_regexes_keep_reuse_and_stay_exact():
+    """A final word with no boundary after it (its match may end inside a longer word) is reused only when the
+    replacement ends in a word character, so the rest of that word stays glued to a word; '$' anchors are reused.
+    Every key still gets transformers' own result."""
+    ok = _compiled_as([("LayerNorm.gamma", "LayerNorm.weight"), (".weight_g$", ".parametrizations.weight.original0"), (".ffn.", ".mlp.")],
+                      [r"(?P<g0>LayerNorm.gamma)", r"(?P<g0>.weight_g$)", r"(?P<g0>.ffn.)"])
+    assert all(load_plan._number_blind(t) for t in ok)
+    glued = _compiled_as([("LayerNorm.gamma", "LayerNorm.")], [r"(?P<g0>LayerNorm.gamma)"])  # 'gamma5' -> 'LayerNorm.5'
+    assert not load_plan._number_blind(glued[0])
+    renamer = load_plan._Renamer(ok, [], "model", {"model.layers.3.mlp.experts.0.w1.weight": 1})
+    keys = _synthetic_keys() + [f"layers.{i}.LayerNorm.gamma{j}.x{i + 1}" for i in (0, 3, 5) for j in (0, 5, 7)] + [
+        f"h.{i}.conv.weight_g" for i in (0, 1, 12)] + [f"h.{i}.conv.weight_g.{i + 1}" for i in (0, 1, 12)]
+    assert [renamer(k) for k in keys] == [renamer.exact(k) for k in keys]
+    assert renamer.reuse and sum(v is not None for v in renamer.shapes.values()) >= 5
 
 
 def test_meta_model_skips_torch_init_on_meta_only(monkeypatch):

@@ -221,9 +221,9 @@ def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None =
 # False: every key goes through transformers' rename_source_key and `_loose_match` (the reference path the tests
 # compare `_Renamer`'s reuse against).
 _REUSE_RENAMES = True
-
+# A token of the regexes transformers compiles from plain names: a word, '\.', '.*', '.', '^', '$', '(?!\w)'
 # A token of the regexes transformers compiles from plain names: a word, '\.', '.*', '.', '^', '(?!\w)'
-_RX_TOKEN = r"(?:[A-Za-z_]\w*|\\\.|\.\*|\.|\^|\(\?!\\w\))"
+_RX_TOKEN = r"(?:[A-Za-z_]\w*|\\\.|\.\*|\.|\^|\$|\(\?!\\w\))"
 _RX_BRANCH = re.compile(rf"\(\?P<g(\d+)>({_RX_TOKEN}+)\)", re.ASCII)
 _RX_PLAIN = re.compile(rf"{_RX_BRANCH.pattern}(?:\|{_RX_BRANCH.pattern})*", re.ASCII)
 _KEY_PLAIN = re.compile(r"(?:[A-Za-z_]\w*|\d+)(?:\.(?:[A-Za-z_]\w*|\d+))*", re.ASCII)  # dotted words and numbers
@@ -246,7 +246,7 @@ def _number_blind(t) -> bool:
     replacement = targets[0]
     for branch in _RX_BRANCH.finditer(regex.pattern):
         tokens = re.findall(_RX_TOKEN, branch.group(2), re.ASCII)
-        consuming = [i for i, tok in enumerate(tokens) if tok not in ("^", r"(?!\w)")]
+        consuming = [i for i, tok in enumerate(tokens) if tok not in ("^", "$", r"(?!\w)")]
         if not any(tok[0].isalpha() or tok[0] == "_" for tok in tokens):
             return False
         for i in consuming:
@@ -263,8 +263,10 @@ def _number_blind(t) -> bool:
         if last == "." and not re.fullmatch(r"[\w.*]+", sources[int(branch.group(1))]):
             return False  # a final '.' may match a letter, leaving the digits after it a name of their own: only
             # `_loose_match` (None for every reused shape) proves it matched a dot, and only for such plain names
-        if last not in (".", r"\.", ".*") and r"(?!\w)" not in tokens[consuming[-1]:]:
-            return False  # a final word must not end inside a longer word
+        if (last not in (".", r"\.", ".*") and not {r"(?!\w)", "$"} & set(tokens[consuming[-1]:])
+                and not (replacement[-1].isalnum() or replacement[-1] == "_")):
+            return False  # a final word may end inside a longer word only if the rest of it stays glued to a word
+            # (transformers < 5.24 compiles 'LayerNorm.gamma' with no '(?!\w)' after it)
     return True
 
 
@@ -275,14 +277,15 @@ class _Renamer:
     for the other keys of that shape with their own numbers (Qwen1.5-MoE-A2.7B: 4659 keys, 17 shapes).
 
     Why reuse is exact. It is only done when every transform is `_number_blind` (transformers' plain regex renaming,
-    regexes made of words, '\.', '.' next to a word, '.*' followed by '\.', '^' and '(?!\w)', replaced by a dotted
+    regexes made of words, '\.', '.' next to a word, '.*' followed by '\.', '^', '$' and '(?!\w)', replaced by a dotted
     name), the key is dotted words and numbers, its numbers pairwise distinct, and the first key of the shape was
     not a loose match (build_plan stops there anyway). Then no atom of such a regex can match a digit of a number
     except '.*', which stops only before a dot: a word starts with a letter and the character before a number's
     digit is a dot or a digit; '.' next to a word would need that word to match next to the digit. So each search
     matches the same branch at the same place of the shape in both keys, its text differing only in whole numbers;
     str.replace's first occurrence of that text is the same place (another occurrence would repeat a number); the
-    replacement keeps the dots around numbers (the boundary rules in `_number_blind`), so the renamed key is again
+    replacement keeps the dots around numbers (the boundary rules in `_number_blind`; a match ending inside a word
+    is replaced by text ending in a word character, so the rest of that word stays a word), so the renamed key is again
     dotted words, empty names and the key's numbers, and the next transform sees the same shape. Hence the renamed
     key is the representative's with the numbers substituted, and the converter pattern and the loose-match result
     are the representative's. That substitution is also checked on a second, synthetic key with other (longer)
