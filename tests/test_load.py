@@ -176,13 +176,27 @@ def _large_embedding_checkpoint(path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
-def test_cuda_peak_bound_with_small_staging(tmp_path):
-    """Measured by the CUDA allocator: every temporary (reads, quantization, finiteness checks of 128 MiB
-    embeddings) stays inside a 16 MiB staging budget."""
-    model = fp8stream.load(_large_embedding_checkpoint(tmp_path), device="cuda", staging_mib=16, progress=False)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_peak_bound_with_small_staging(tmp_path, scheme):
+    """Measured by the CUDA allocator: every temporary (reads, quantization with each scheme's own staging kind,
+    finiteness checks of 128 MiB embeddings) stays inside a 16 MiB staging budget."""
+    model = fp8stream.load(_large_embedding_checkpoint(tmp_path), device="cuda", scheme=scheme, staging_mib=16, progress=False)
     rep = model.fp8stream_report
     assert rep.final_bytes > 200 * 2**20
     assert rep.peak_bytes <= rep.final_bytes + rep.staging_bytes, (rep.peak_bytes - rep.final_bytes) / 2**20
+
+
+def test_host_base_taken_before_the_pool_is_kept_by_start(monkeypatch):
+    """load() takes the host RSS base before the read-ahead pool exists (mark_host_base) and starts the ledger
+    later: the base must stay the earlier one, so the reported host growth includes the pool."""
+    from fp8stream import memory
+
+    rss = iter([100, 500, 500, 500])
+    monkeypatch.setattr(memory, "_rss_anon_bytes", lambda: next(rss))
+    ledger = memory.MemoryLedger(torch.device("cpu"), 1 << 20)
+    ledger.mark_host_base()  # 100: before the pool
+    ledger.start()  # 500 by now: pool pages resident
+    assert ledger.rss_base == 100 and ledger.rss_peak == 400 and ledger.host_peak_bytes == 500
 
 
 def test_host_rss_cross_checks_cpu_ledger(tmp_path):
