@@ -3,6 +3,7 @@
 import itertools
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -196,6 +197,33 @@ def test_prefetcher_reads_several_items_at_once_in_small_parts(two_tensor_ckpt, 
         pf.release(slot, None)
     pf.close()
     assert pf._bufs == [None] * 3 and pf._in_flight == 0
+    ckpt.close()
+    assert not _fp8stream_threads()
+
+
+def test_small_items_share_a_buffer_so_reads_keep_going_behind_them(two_tensor_ckpt):
+    """The pool is a ring placed by bytes: with 2 buffers, one big item and then six small ones (one row of
+    96 bytes each, aligned to 256) all land while the big one is still held, because the six share the
+    second buffer. One item per buffer would read only item 1 until item 0 is released."""
+    ckpt, ref = two_tensor_ckpt
+    reqs = [Request((("a", 0, 16),), torch.bfloat16, 16 * 48 * 2)]  # 1536 bytes: the buffer size
+    reqs += [Request((("a", r, r + 1),), torch.bfloat16, 48 * 2) for r in range(16, 22)]
+    reqs.append(Request((("a", 22, 38),), torch.bfloat16, 16 * 48 * 2))
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=False)
+    rows, slot = pf.take(0)
+    deadline = time.monotonic() + 10
+    while not all(i in pf._ready for i in range(1, 7)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(i in pf._ready for i in range(1, 7)), sorted(pf._ready)  # read while item 0 is still held
+    assert 7 not in pf._ready  # the ring is full: the next big item waits for buffer 0
+    assert torch.equal(rows, ref["a"][:16])
+    pf.release(slot, None)
+    for i in range(1, len(reqs)):
+        rows, slot = pf.take(i)
+        assert torch.equal(rows, ref["a"][15 + i : 16 + i] if i < 7 else ref["a"][22:38]), i
+        assert (rows.data_ptr() - pf._bufs[slot].data_ptr()) % 256 == 0  # aligned within its buffer
+        pf.release(slot, None)
+    pf.close()
     ckpt.close()
     assert not _fp8stream_threads()
 

@@ -9,7 +9,6 @@ copies and quantization all overlap, while host memory stays at `buffers` x chun
 
 from __future__ import annotations
 
-import queue
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +26,8 @@ PART_BYTES = 16 << 20
 # Page cache read-ahead requested (posix_fadvise WILLNEED) beyond the item being dispatched: file pages,
 # not process memory (RssAnon is unaffected), and evictable.
 ADVISE_BYTES = 1 << 30
+# Where items start inside a ring buffer: typed views and vectorized copies need aligned rows.
+ITEM_ALIGN = 256
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class Request:
 
 
 class Prefetcher:
-    """Fills up to `buffers` pinned host buffers ahead of the consumer, in schedule order.
+    """Fills a ring of `buffers` pinned host buffers ahead of the consumer, in schedule order.
 
-    A dispatcher thread gives each schedule item, in order, the next free buffer and queues the item's
-    parts (at most `part_size` bytes each) on the checkpoint's reader pool, so the reads of several
-    items are in flight at once and no reader waits for the slowest part of one item. The last part
-    of an item to land makes it ready.
+    A dispatcher thread places each schedule item, in order, at the next free bytes of the ring (an item
+    that does not fit in the rest of the current buffer starts the next one, once every item in that
+    buffer has been copied out) and queues the item's parts (at most `part_size` bytes each) on the
+    checkpoint's reader pool, so the reads of several items are in flight at once and no reader waits
+    for the slowest part of one item. The last part of an item to land makes it ready. Items are placed
+    by bytes, not one per buffer: a run of small tensors (biases, norms, routers) shares a buffer, and the
+    rest of the pool keeps reading the big ones behind it.
     """
 
     def __init__(self, ckpt: Checkpoint, schedule: list[Request], buffers: int = 8, pinned: bool = True,
@@ -51,10 +55,8 @@ class Prefetcher:
         self.ckpt, self.schedule, self.pinned, self.part_size = ckpt, schedule, pinned, part_size
         self._slot_bytes = max((r.nbytes for r in schedule), default=0)
         self._bufs: list[torch.Tensor | None] = [None] * buffers
-        self._events: list = [None] * buffers
-        self._free: queue.Queue = queue.Queue()
-        for slot in range(buffers):
-            self._free.put(slot)
+        self._events: list = [None] * buffers  # per buffer: the copy-out of the last item released from it
+        self._live = [0] * buffers  # per buffer: items placed in it and not yet released
         self._ready: dict[int, int] = {}
         self._rows: dict[int, torch.Tensor] = {}  # item -> its buffer viewed as rows of its dtype
         self._left: dict[int, int] = {}  # item -> parts still being read
@@ -69,6 +71,7 @@ class Prefetcher:
 
     def _run(self) -> None:
         advised, advised_bytes = 0, 0  # items [0, advised) have been advised to the kernel
+        slot, at = -1, 0  # the ring buffer being filled, and its next free byte
         try:
             for i, req in enumerate(self.schedule):
                 # keep the kernel reading ADVISE_BYTES beyond what the pool holds (cold disks)
@@ -78,18 +81,26 @@ class Prefetcher:
                     advised_bytes += self.schedule[advised].nbytes
                     advised += 1
                 advised_bytes -= req.nbytes
-                slot = self._free.get()
-                if slot is None or self._stop or self._error is not None:
-                    return
-                if self._events[slot] is not None:
-                    self._events[slot].synchronize()  # the device has copied this buffer out
-                if self._bufs[slot] is None:  # every buffer fits the largest item: pinned once
-                    self._bufs[slot] = self._new_buffer()
-                    self.pinned_bytes = sum(b.numel() for b in self._bufs if b is not None)
-                jobs = self.ckpt.parts(_reads(self.ckpt, req, self._bufs[slot]), self.part_size)
+                if slot < 0 or at + req.nbytes > self._slot_bytes:  # start the next buffer of the ring
+                    slot, at = (slot + 1) % len(self._bufs), 0
+                    with self._cond:
+                        while self._live[slot] and not self._stop and self._error is None:
+                            self._cond.wait()  # the loader has not taken every item placed here yet
+                    if self._stop or self._error is not None:
+                        return
+                    if self._events[slot] is not None:
+                        self._events[slot].synchronize()  # the device has copied this buffer out
+                        self._events[slot] = None
+                    if self._bufs[slot] is None:  # every buffer fits the largest item: pinned once
+                        self._bufs[slot] = self._new_buffer()
+                        self.pinned_bytes = sum(b.numel() for b in self._bufs if b is not None)
+                buf = self._bufs[slot][at : at + req.nbytes]
+                at += -(-req.nbytes // ITEM_ALIGN) * ITEM_ALIGN
+                jobs = self.ckpt.parts(_reads(self.ckpt, req, buf), self.part_size)
                 self.ckpt.count_read(req.nbytes)
-                rows = host_view(self.ckpt, req, self._bufs[slot])  # here, not on the loader thread's critical path
+                rows = host_view(self.ckpt, req, buf)  # here, not on the loader thread's critical path
                 with self._cond:
+                    self._live[slot] += 1
                     self._rows[i] = rows
                     self._left[i] = len(jobs)
                     self._in_flight += len(jobs)
@@ -132,7 +143,8 @@ class Prefetcher:
                 self._cond.notify_all()
 
     def take(self, i: int) -> tuple[torch.Tensor, int]:
-        """Schedule item i's rows (a view of its filled buffer; blocks until it is read), and its slot."""
+        """Schedule item i's rows (a view into its filled buffer; blocks until it is read), and that buffer's
+        slot, to be released once the rows have been copied out."""
         with self._cond:
             while i not in self._ready and self._error is None:
                 self._cond.wait()
@@ -143,14 +155,21 @@ class Prefetcher:
         return rows, slot
 
     def release(self, slot: int, event) -> None:
-        self._events[slot] = event
-        self._free.put(slot)
+        """The item taken last from `slot` is copied out once `event` (None: already) is done. Items are
+        released in schedule order and their copies run in order on one stream, so the last event of a
+        buffer covers all of its items."""
+        with self._cond:
+            self._events[slot] = event
+            self._live[slot] -= 1
+            if not self._live[slot]:
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Stop reading ahead and drop the pinned buffers (also after a failed load), once no reader
         thread can still write into them."""
-        self._stop = True
-        self._free.put(None)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self._thread.join()
         with self._cond:
             while self._in_flight:
