@@ -23,17 +23,9 @@ import time
 METHODS = ("alloc", "alloc_register", "register", "touch_register")
 
 
-def worker(method: str, mib: int, buffers: int) -> dict:
+def pin_all(method, n, buffers, cudart, bufs, times):
     import torch
 
-    t0 = time.perf_counter()
-    torch.empty(1, device="cuda")
-    torch.cuda.synchronize()
-    init_s = time.perf_counter() - t0
-    n = mib << 20
-    cudart = torch.cuda.cudart()
-    bufs, times = [], []
-    t_all = time.perf_counter()
     for _ in range(buffers):
         t = time.perf_counter()
         if method in ("alloc", "alloc_register"):
@@ -47,7 +39,38 @@ def worker(method: str, mib: int, buffers: int) -> dict:
                 raise RuntimeError(f"cudaHostRegister: {err}")
         times.append(time.perf_counter() - t)
         bufs.append(b)
+
+
+def worker(method: str, mib: int, buffers: int, side_thread: bool = False) -> dict:
+    import torch
+
+    t0 = time.perf_counter()
+    torch.empty(1, device="cuda")
+    torch.cuda.synchronize()
+    init_s = time.perf_counter() - t0
+    n = mib << 20
+    cudart = torch.cuda.cudart()
+    bufs, times = [], []
+
+    def spin(seconds=None, until=None):  # pure-Python work: how much of it runs while another thread pins
+        count, t = 0, time.perf_counter()
+        while (time.perf_counter() - t < seconds) if seconds else until.is_alive():
+            count += 1
+        return count / (time.perf_counter() - t)
+
+    alone = spin(0.1)
+    t_all = time.perf_counter()
+    if side_thread:  # pin on a side thread (as a pool pinned during the load setup would be)
+        import threading
+
+        th = threading.Thread(target=pin_all, args=(method, n, buffers, cudart, bufs, times))
+        th.start()
+        main_rate = spin(until=th)
+        th.join()
+    else:
+        pin_all(method, n, buffers, cudart, bufs, times)
     pin_s = time.perf_counter() - t_all
+    extra = dict(main_thread_python_rate=round(main_rate / alone, 3)) if side_thread else {}
     for b in bufs:
         b.fill_(1)
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -65,7 +88,7 @@ def worker(method: str, mib: int, buffers: int) -> dict:
         for b in bufs:
             cudart.cudaHostUnregister(b.data_ptr())
     return dict(method=method, mib=mib, buffers=buffers, cuda_init_s=round(init_s, 3), pin_s=round(pin_s, 3),
-                per_buffer_ms=[round(1e3 * x, 1) for x in times], h2d_gb_s=round(max(rates), 1))
+                per_buffer_ms=[round(1e3 * x, 1) for x in times], h2d_gb_s=round(max(rates), 1), **extra)
 
 
 def main() -> int:
@@ -75,10 +98,12 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=2, help="fresh processes per method (alternated)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--side-thread", action="store_true",
+                    help="pin on a side thread; report main_thread_python_rate (pure-Python speed of the main thread meanwhile; 1 = unhindered)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.mib, args.buffers)))
+        print(json.dumps(worker(args.worker, args.mib, args.buffers, args.side_thread)))
         return 0
     rows = []
     for _ in range(args.repeat):
@@ -86,7 +111,8 @@ def main() -> int:
             env = dict(os.environ)
             if m == "alloc_register":
                 env["PYTORCH_CUDA_ALLOC_CONF"] = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
-            p = subprocess.run([sys.executable, __file__, "--worker", m, "--mib", str(args.mib), "--buffers", str(args.buffers)],
+            p = subprocess.run([sys.executable, __file__, "--worker", m, "--mib", str(args.mib), "--buffers", str(args.buffers)]
+                               + (["--side-thread"] if args.side_thread else []),
                                env=env, capture_output=True, text=True)
             row = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else dict(method=m, error=p.stderr[-500:])
             print(json.dumps(row), flush=True)

@@ -251,6 +251,10 @@ def test_pinned_pool_registers_its_pages_and_unregisters_on_close(two_tensor_ckp
     ckpt, ref = two_tensor_ckpt
     fake = _FakeCudart(fail)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    devices = []  # (thread, device) of every set_device, and the thread of every registration
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: devices.append((threading.current_thread().name, d)))
+    real_register = fake.cudaHostRegister
+    fake.cudaHostRegister = lambda *a: devices.append((threading.current_thread().name, "register")) or real_register(*a)
     real_empty, pinned_allocs = torch.empty, []
 
     def empty(*args, pin_memory=False, **kw):  # no GPU here: a pinned allocation is recorded, then made pageable
@@ -260,12 +264,15 @@ def test_pinned_pool_registers_its_pages_and_unregisters_on_close(two_tensor_ckp
 
     monkeypatch.setattr(torch, "empty", empty)
     reqs = [Request((("a", i, i + 16),), torch.bfloat16, 16 * 48 * 2) for i in range(0, 64, 16)]
-    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=True)
+    pf = Prefetcher(ckpt, reqs, buffers=2, pinned=True, device=torch.device("cuda", 1))
     for i, req in enumerate(reqs):
         rows, slot = pf.take(i)
         assert torch.equal(rows, ref["a"][i * 16 : i * 16 + 16]), i
         pf.release(slot, None)
     ptrs = [b.data_ptr() for b in pf._bufs]
+    # the thread that registers is on the load's device first (a rank on GPU 1 makes no context on GPU 0)
+    assert devices[0] == ("fp8stream-prefetch", torch.device("cuda", 1))
+    assert {t for t, _ in devices} == {"fp8stream-prefetch"} and devices.count(("fp8stream-prefetch", "register")) == 2
     pf.close()
     ckpt.close()
     assert [size for _, size in fake.registered] == [16 * 48 * 2] * 2

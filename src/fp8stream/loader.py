@@ -236,7 +236,8 @@ class _Source:
         self._schedule = [r for _, r in schedule]
         self._keys = [k for k, _ in schedule]
         if self.ckpt is not None and self.device.type in self.PREFETCH_DEVICES and self._schedule:
-            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=self.device.type == "cuda")
+            self._prefetcher = Prefetcher(self.ckpt, self._schedule, self.prefetch_buffers, pinned=self.device.type == "cuda",
+                                          device=self.device)
 
     def close(self) -> None:
         if self._prefetcher is not None:

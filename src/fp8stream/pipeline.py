@@ -51,8 +51,8 @@ class Prefetcher:
     """
 
     def __init__(self, ckpt: Checkpoint, schedule: list[Request], buffers: int = 8, pinned: bool = True,
-                 part_size: int = PART_BYTES):
-        self.ckpt, self.schedule, self.pinned, self.part_size = ckpt, schedule, pinned, part_size
+                 part_size: int = PART_BYTES, device: torch.device | None = None):
+        self.ckpt, self.schedule, self.pinned, self.part_size, self.device = ckpt, schedule, pinned, part_size, device
         self._slot_bytes = max((r.nbytes for r in schedule), default=0)
         self._bufs: list[torch.Tensor | None] = [None] * buffers
         self._events: list = [None] * buffers  # per buffer: the copy-out of the last item released from it
@@ -73,6 +73,10 @@ class Prefetcher:
         advised, advised_bytes = 0, 0  # items [0, advised) have been advised to the kernel
         slot, at = -1, 0  # the ring buffer being filled, and its next free byte
         try:
+            if self.pinned and self.device is not None:
+                # this thread registers the pool and waits on copy events: on the load's device, else CUDA would use
+                # (and first create) a context on device 0, also in a process that loads onto another GPU
+                torch.cuda.set_device(self.device)
             for i, req in enumerate(self.schedule):
                 # keep the kernel reading ADVISE_BYTES beyond what the pool holds (cold disks)
                 while advised < len(self.schedule) and advised_bytes < ADVISE_BYTES:
