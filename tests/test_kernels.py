@@ -372,6 +372,26 @@ def test_cuda_probe():
         assert info["triton_quant"] and info["triton_gemm"], info["probes"]
 
 
+@cuda_only
+@pytest.mark.skipif(not CUDA or K.triton_kernels() is None, reason="no triton")
+@pytest.mark.parametrize("k", [1000, 4096, 14336])
+def test_cuda_one_pass_row_quant_equals_two_pass(k, monkeypatch):
+    """Rows that fit in registers are quantized in one pass (x read once); the bits must be those of the
+    two-pass loop, for plain rows, gathered rows, given amax, and the fused act(gate) * up."""
+    x = (torch.randn(65, 2 * k, device="cuda") * torch.rand(65, 1, device="cuda") * 10).to(torch.bfloat16)
+    idx = torch.randint(0, 65, (40,), device="cuda")
+    amax = torch.rand(40, device="cuda") * 20
+    cases = [dict(), dict(idx=idx), dict(act=True), dict(idx=idx, act=True, row_weight=torch.rand(40, device="cuda")),
+             dict(idx=idx, amax=amax)]
+    for kw in cases:
+        xs = x if kw.get("act") else x[:, :k]
+        one = K.quant_triton(xs, "row", **kw)
+        monkeypatch.setattr(K, "QUANT_ONE_PASS_MAX_K", 0)
+        two = K.quant_triton(xs, "row", **kw)
+        monkeypatch.setattr(K, "QUANT_ONE_PASS_MAX_K", 16384)
+        assert torch.equal(one[0].view(torch.uint8), two[0].view(torch.uint8)) and torch.equal(one[1], two[1]), kw
+
+
 def _within_one_step(q, qr):
     a, b = q.double(), qr.double()
     return bool(((a - b).abs() <= 2**-3 * b.abs() + 2**-9).all()) and float((a != b).double().mean()) < 0.02
@@ -380,7 +400,7 @@ def _within_one_step(q, qr):
 @cuda_only
 @pytest.mark.skipif(not CUDA or K.triton_kernels() is None, reason="no triton")  # no triton import on CPU
 @pytest.mark.parametrize("mode", ["row", "tensor", "group"])
-@pytest.mark.parametrize("mk", [(1, 128), (7, 1000), (300, 4096), (33, 14336)])
+@pytest.mark.parametrize("mk", [(1, 128), (7, 1000), (300, 4096), (33, 14336), (3, 20000)])
 def test_cuda_triton_quant_matches_torch(mode, mk):
     m, k = mk
     x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(torch.bfloat16)

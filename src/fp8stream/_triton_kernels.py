@@ -44,7 +44,7 @@ def _load_act(x_row, offs, mask, I_OFF, ACT: tl.constexpr):
 @triton.jit
 def quant_rows_kernel(x_ptr, idx_ptr, amax_ptr, rw_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, amax_stride, I_OFF,
                       HAS_IDX: tl.constexpr, GIVEN_AMAX: tl.constexpr, ACT: tl.constexpr, HAS_RW: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0)
     if HAS_IDX:
         src = tl.load(idx_ptr + row).to(tl.int64)
@@ -53,22 +53,33 @@ def quant_rows_kernel(x_ptr, idx_ptr, amax_ptr, rw_ptr, q_ptr, s_ptr, K, stride_
     x_row = x_ptr + src * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
     cols = tl.arange(0, BLOCK_K)
-    if GIVEN_AMAX:
-        amax = tl.load(amax_ptr + row.to(tl.int64) * amax_stride).to(tl.float32)
+    if ONE_PASS:  # the whole row in registers (BLOCK_K >= K): read once, amax, quantize, store
+        mask = cols < K
+        v = _load_act(x_row, cols, mask, I_OFF, ACT)
+        if GIVEN_AMAX:
+            amax = tl.load(amax_ptr + row.to(tl.int64) * amax_stride).to(tl.float32)
+        else:
+            amax = tl.max(tl.abs(v), axis=0)
+        scale = tl.maximum(amax / _FP8_MAX, _TINY)
+        q = tl.minimum(tl.maximum(v / scale, -_FP8_MAX), _FP8_MAX)
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
-        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if GIVEN_AMAX:
+            amax = tl.load(amax_ptr + row.to(tl.int64) * amax_stride).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + cols
+                v = _load_act(x_row, offs, offs < K, I_OFF, ACT)
+                acc = tl.maximum(acc, tl.abs(v))
+            amax = tl.max(acc, axis=0)
+        scale = tl.maximum(amax / _FP8_MAX, _TINY)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + cols
-            v = _load_act(x_row, offs, offs < K, I_OFF, ACT)
-            acc = tl.maximum(acc, tl.abs(v))
-        amax = tl.max(acc, axis=0)
-    scale = tl.maximum(amax / _FP8_MAX, _TINY)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + cols
-        mask = offs < K
-        v = _load_act(x_row, offs, mask, I_OFF, ACT)
-        q = tl.minimum(tl.maximum(v / scale, -_FP8_MAX), _FP8_MAX)
-        tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+            mask = offs < K
+            v = _load_act(x_row, offs, mask, I_OFF, ACT)
+            q = tl.minimum(tl.maximum(v / scale, -_FP8_MAX), _FP8_MAX)
+            tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     if HAS_RW:
         scale = scale * tl.load(rw_ptr + row).to(tl.float32)
     tl.store(s_ptr + row, scale)

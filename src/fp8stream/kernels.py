@@ -69,6 +69,9 @@ GEMV_MAX_M = int(os.environ.get("FP8STREAM_GEMV_MAX_M", "16") or 0)
 # reads its expert's weight, so at 16 tokens (64-128 pairs) the grouped W8A8 GEMM, which reads each routed
 # expert once, is faster again; at 1-8 tokens the pair kernels are 1.1-2.7x faster (bench/sweep_experts.py).
 MOE_GEMV_MAX_T = min(GEMV_MAX_M, int(os.environ.get("FP8STREAM_MOE_GEMV_MAX_T", "8") or 0))
+# Activation rows of at most this many columns (rounded up to a power of two) are quantized in one pass, the whole
+# row held in registers (16 warps for 8192-16384): x is read once instead of twice. 0: always the two-pass loop.
+QUANT_ONE_PASS_MAX_K = int(os.environ.get("FP8STREAM_QUANT_ONE_PASS_MAX_K", "16384") or 0)
 PROBE_LOG: dict[int, dict[str, str]] = {}  # device index -> what each probe said (for reports / debugging)
 _TK = None
 
@@ -345,12 +348,14 @@ def quant_triton(x: torch.Tensor, mode: str, *, idx: torch.Tensor | None = None,
         amax_stride = 0
     s = torch.empty(m, device=x.device)
     if m:
-        block_k = min(4096, _pow2(k))
+        # rows up to QUANT_ONE_PASS_MAX_K stay in registers: one read of x (the two-pass loop reads each row twice)
+        one_pass = _pow2(k) <= QUANT_ONE_PASS_MAX_K
+        block_k = _pow2(k) if one_pass else min(4096, _pow2(k))
         tk.quant_rows_kernel[(m,)](
             x, idx if idx is not None else x, amax if amax is not None else x,
             row_weight if row_weight is not None else x, q, s, k, x.stride(0), q.stride(0), amax_stride, k,
             HAS_IDX=idx is not None, GIVEN_AMAX=amax is not None, ACT=act, HAS_RW=row_weight is not None,
-            BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+            BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=16 if block_k >= 8192 else 8 if block_k >= 2048 else 4)
     return q, s
 
 
