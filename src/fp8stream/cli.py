@@ -21,7 +21,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", nargs="*", default=[], metavar="REGEX",
                    help="keep modules whose name matches (re.search) in full precision")
     p.add_argument("--read-threads", type=int, default=None, help="parallel positional reads (default: min(12, cores))")
-    p.add_argument("--prefetch-buffers", type=int, default=8, help="pinned host buffers read ahead of the GPU (one staging chunk each)")
+    p.add_argument("--prefetch-buffers", type=int, default=8, help="pinned host buffers read ahead of the GPU, each the size of the largest staging chunk (small tensors share one)")
     p.add_argument("--keep-sensitive", action="store_true",
                    help="keep the first and the last decoder layer in full precision (ACCURACY.md: what it costs and buys)")
     p.add_argument("--timeline", default=None, metavar="FILE.png",

@@ -1,10 +1,11 @@
 """The reading pipeline: checkpoint byte ranges -> a bounded pool of pinned host buffers, ahead of the device.
 
 The loader knows, before it starts, every chunk it will ask for (the schedule). A prefetch thread
-walks the schedule and queues positional reads into free pinned buffers on the checkpoint's reader
-threads, several items in flight; the loader takes the buffers in order, copies each to the device on the current
-stream and hands it back with an event that says when that copy is done. So reads, host-to-device
-copies and quantization all overlap, while host memory stays at `buffers` x chunk size.
+walks the schedule, places each chunk at the next free bytes of a ring of pinned buffers and queues its
+positional reads on the checkpoint's reader threads, several items in flight; the loader takes the chunks in
+order, copies each to the device on a copy stream and hands it back with an event that says when that copy is
+done. So reads, host-to-device copies and quantization all overlap, while host memory stays at
+`buffers` x the largest chunk.
 """
 
 from __future__ import annotations
