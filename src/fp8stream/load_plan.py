@@ -221,8 +221,8 @@ def build_plan(model: nn.Module, ckpt: Checkpoint, *, scale_suffix: str | None =
 # False: every key goes through transformers' rename_source_key and `_loose_match` (the reference path the tests
 # compare `_Renamer`'s reuse against).
 _REUSE_RENAMES = True
+
 # A token of the regexes transformers compiles from plain names: a word, '\.', '.*', '.', '^', '$', '(?!\w)'
-# A token of the regexes transformers compiles from plain names: a word, '\.', '.*', '.', '^', '(?!\w)'
 _RX_TOKEN = r"(?:[A-Za-z_]\w*|\\\.|\.\*|\.|\^|\$|\(\?!\\w\))"
 _RX_BRANCH = re.compile(rf"\(\?P<g(\d+)>({_RX_TOKEN}+)\)", re.ASCII)
 _RX_PLAIN = re.compile(rf"{_RX_BRANCH.pattern}(?:\|{_RX_BRANCH.pattern})*", re.ASCII)

@@ -687,8 +687,8 @@ def load(
     Returns a transformers PreTrainedModel whose Linear layers / fused MoE experts are FP8; its
     `fp8stream_report` attribute is a LoadReport. Raises Fp8StreamError (one-line message) on bad input.
     `read_threads` positional reads run in parallel into a ring of `prefetch_buffers` pinned host buffers,
-    each the size of the largest staging chunk (CUDA); `timeline` names a PNG to draw memory and progress against time (its
-    data goes next to it as JSON). `scheme` defaults to the checkpoint's own for a pre-quantized FP8
+    each the size of the largest staging chunk (CUDA); `timeline` names a PNG to draw memory and progress
+    against time (its data goes next to it as JSON). `scheme` defaults to the checkpoint's own for a pre-quantized FP8
     checkpoint (config.json quantization_config: its FP8 bytes are copied, never requantized; another
     scheme is an error), else fp8_per_channel.
 
