@@ -273,7 +273,9 @@ def build_model(model: str, variant: str, layers: int | None):
     else:
         import fp8stream
 
-        m = fp8stream.load(path, device=DEVICE, scheme=variant, load_format="dummy", progress=False)
+        # BENCH_FUSE_GATE_UP=0: gate_proj / up_proj as two GEMMs (load's fuse_gate_up=False), for A/B runs
+        fuse = os.environ.get("BENCH_FUSE_GATE_UP", "1") != "0"
+        m = fp8stream.load(path, device=DEVICE, scheme=variant, load_format="dummy", progress=False, fuse_gate_up=fuse)
     m.eval()
     _sync()
     return m, time.perf_counter() - t0

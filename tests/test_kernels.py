@@ -539,6 +539,28 @@ def test_cuda_expert_parallel_shards_sum_to_the_whole(scheme):
 
 @cuda_only
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m", [1, 5, 256, 1024])
+def test_cuda_linear_fast_silu_mul_input(scheme, m):
+    """act=True (the down projection of a fused gated MLP): x2 = gate | up, the Linear's input is silu(gate) * up,
+    fused into the activation quantization; every capability set against the reference of the unfused input."""
+    n, k = 256, 640
+    q, s = _cuda_weight(n, k, scheme)
+    gate_up = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+    h = K.silu_mul(gate_up)
+    ref = K.reference_linear(h, q, s, None, scheme)
+    assert torch.equal(K.reference_linear(gate_up, q, s, None, scheme, act=True), ref)
+    for name, c in _variants().items():
+        y = K.linear_fast(gate_up, q, s, None, scheme, c, act=True)
+        if y is None:
+            assert scheme == "fp8_per_block" and not c.triton_gemm and not c.blockwise, name
+            continue
+        assert y.shape == (m, n), name
+        assert _rel(y, ref) < 1e-2, (name, _rel(y, ref))
+        assert _rel(y, K.linear_fast(h, q, s, None, scheme, c)) < 1e-2, name
+
+
+@cuda_only
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_cuda_compile_fullgraph(scheme, mode):
     """FP8Linear and FP8Experts compile with fullgraph=True (no graph breaks), also with CUDA graphs,

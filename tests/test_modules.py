@@ -103,3 +103,135 @@ def test_cuda_fp8_linear_matches_reference(scheme, m):
     ref = _reference(x.cpu(), q.cpu(), s.cpu(), bias.cpu(), scheme)
     assert y.dtype == torch.bfloat16
     assert ((y.cpu().double() - ref).norm() / ref.norm()) < 1e-2  # bf16 output rounding
+
+
+# ---- gated MLPs: gate_proj and up_proj as one GEMM ----
+
+class _Canonical(nn.Module):
+    def __init__(self, h=64, i=96, act=None):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(i, h, bias=False), act or nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _CanonicalAssigned(_Canonical):
+    def forward(self, hidden_state):
+        """A docstring does not matter."""
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(hidden_state)) * self.up_proj(hidden_state))
+        return down_proj
+
+
+class _Clamped(_Canonical):  # gpt-oss style: not the canonical function
+    def forward(self, x):
+        return self.down_proj((self.act_fn(self.gate_proj(x)) * self.up_proj(x)).clamp(-7, 7))
+
+
+class _Swapped(_Canonical):  # gate and up exchanged: a different function of the same weights
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+class _Inherited(_Canonical):  # no forward of its own: the canonical parent's is read
+    pass
+
+
+def _fp8_mlp(cls, scheme, h=64, i=128, act=None, device="cpu", dtype=torch.float32):
+    """cls with FP8 gate / up / down in one gate|up storage, as the loader leaves a gated MLP; and whether it fused."""
+    from fp8stream.modules import fuse_gate_up, gate_up_storage, halves
+
+    torch.manual_seed(0)
+    src = cls(h, i, act)
+    m = cls(h, i, act)
+    replace_with_fp8(m, scheme, [], dtype)
+    w, s = gate_up_storage(m, device)
+    for name, (wh, sh) in zip(("gate_proj", "up_proj"), zip(halves(w), halves(s))):
+        q, qs = _quantize_weight(getattr(src, name).weight.detach(), scheme)
+        wh.copy_(q)
+        sh.copy_(qs.reshape(sh.shape))
+        getattr(m, name).weight, getattr(m, name).weight_scale = nn.Parameter(wh, requires_grad=False), nn.Parameter(sh, requires_grad=False)
+    q, qs = _quantize_weight(src.down_proj.weight.detach(), scheme)
+    m.down_proj.weight, m.down_proj.weight_scale = (nn.Parameter(t.to(device), requires_grad=False) for t in (q, qs))
+    return m, fuse_gate_up(m, w, s)
+
+
+def test_gated_mlps_are_recognized_from_the_forward_source():
+    from fp8stream.modules import gated_mlps
+
+    def found(cls):
+        m = cls(64, 128)
+        replace_with_fp8(m, "fp8_per_channel", [], torch.float32)
+        return gated_mlps(m) == [m]
+
+    assert found(_Canonical) and found(_CanonicalAssigned) and found(_Inherited)
+    assert not found(_Clamped) and not found(_Swapped)
+    kept = _Canonical(64, 128)
+    replace_with_fp8(kept, "fp8_per_channel", ["up_proj"], torch.float32)  # up kept in full precision: nothing to fuse
+    assert gated_mlps(kept) == []
+    odd = _Canonical(64, 144)  # per-block needs whole 128-row scale blocks in each half
+    replace_with_fp8(odd, "fp8_per_block", [], torch.float32)
+    assert gated_mlps(odd) == []
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_fused_gated_mlp_matches_float64(scheme, m):
+    """One GEMM for gate|up and silu(gate) * up fused into the down projection's quantization compute the model's own
+    function: float64 reference of the unfused formula, and bit-equal to the module's unfused forward on CPU."""
+    mlp, fused = _fp8_mlp(_Canonical, scheme)
+    assert fused and mlp.forward.__func__ is not type(mlp).forward
+    x = torch.randn(m, 64)
+    g = _reference(x, mlp.gate_proj.weight, mlp.gate_proj.weight_scale, None, scheme).float()
+    u = _reference(x, mlp.up_proj.weight, mlp.up_proj.weight_scale, None, scheme).float()
+    ref = _reference(torch.nn.functional.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.weight_scale, None, scheme)
+    y = mlp(x)
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    assert torch.equal(y, type(mlp).forward(mlp, x))
+
+
+def test_fused_gated_mlp_runs_its_own_forward_when_weights_move_or_hooks_are_set():
+    mlp, _ = _fp8_mlp(_Canonical, "fp8_per_channel")
+    x = torch.randn(7, 64)
+    before = mlp(x)
+    mlp.up_proj.weight.data = mlp.up_proj.weight.data.flip(0).contiguous()  # new storage: the fused copy is stale
+    after = mlp(x)
+    assert torch.equal(after, type(mlp).forward(mlp, x)) and not torch.equal(after, before)
+    mlp2, _ = _fp8_mlp(_Canonical, "fp8_per_channel")
+    seen = []
+    mlp2.gate_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    mlp2(x)
+    assert seen == [(7, 128)]
+
+
+def test_fused_gated_mlp_other_activation_and_compile():
+    """A non-SiLU activation still runs gate|up as one GEMM (the activation in torch); no graph break either way."""
+    for act in (nn.SiLU(), nn.GELU(approximate="tanh")):
+        torch._dynamo.reset()
+        mlp, fused = _fp8_mlp(_Canonical, "fp8_per_channel", act=act)
+        assert fused
+        x = torch.randn(3, 40, 64)
+        ref = type(mlp).forward(mlp, x)
+        assert torch.equal(mlp(x), ref)
+        torch.testing.assert_close(torch.compile(mlp, fullgraph=True, backend="eager")(x), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_fused_gated_mlp_matches_unfused_eager_and_compiled(scheme, mode):
+    """On the GPU: one gate|up GEMM and silu(gate) * up fused into the down projection's quantization (a Triton
+    kernel; under torch.compile an opaque custom op) against the module's own unfused forward, decode and prefill
+    sizes, eager and compiled with fullgraph (and CUDA graphs)."""
+    torch._dynamo.reset()
+    mlp, fused = _fp8_mlp(_Canonical, scheme, h=512, i=1408, device="cuda", dtype=torch.bfloat16)
+    assert fused
+    compiled = torch.compile(mlp, fullgraph=True, mode=mode)
+    for m in (1, 8, 300):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        ref = type(mlp).forward(mlp, x)
+        for _ in range(3):  # CUDA graphs: warm-up, record, replay
+            y = compiled(x).clone()
+        for got in (mlp(x), y):
+            assert float((got.double() - ref.double()).norm() / ref.double().norm()) < 1e-2, m

@@ -592,10 +592,19 @@ def grouped_gemm(a, a_scale, b, b_scale, starts, ends, blockwise: bool, out_dtyp
 
 # ----------------------------------------------------------------------------------------- Linear
 
-def reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule: bool = True) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [..., 2I] = gate | up, rounded as the model code rounds it (each op in the input dtype)."""
+    i = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :i]) * gate_up[..., i:]
+
+
+def reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule: bool = True, act: bool = False) -> torch.Tensor:
     """Dequantize both operands and multiply in float32 (CPU, and CUDA shapes no kernel takes); with
     decode_rule, inputs of at most GEMV_MAX_M rows are not quantized (see GEMV_MAX_M; MoE experts,
-    whose fast path is a grouped W8A8 GEMM at every size, pass False)."""
+    whose fast path is a grouped W8A8 GEMM at every size, pass False). With act, x2 is [M, 2K] = gate | up
+    and the input is silu_mul(x2)."""
+    if act:
+        x2 = silu_mul(x2)
     if decode_rule and x2.shape[0] <= GEMV_MAX_M:
         return _w8a16(x2, weight, weight_scale, bias, scheme)
     qx, sx = quantize_activation(x2, scheme)
@@ -610,25 +619,49 @@ def _w8a16(x2, weight, weight_scale, bias, scheme) -> torch.Tensor:
     return y + bias.float() if bias is not None else y
 
 
-def _act_quant(x2: torch.Tensor, mode: str, c: Caps, col_major: bool = False):
+@torch.library.custom_op("fp8stream::quant_rows_silu_mul", mutates_args=())
+def _quant_rows_silu_mul_op(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_triton(gate_up, "row", act=True)
+
+
+@_quant_rows_silu_mul_op.register_fake
+def _(gate_up):
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    return gate_up.new_empty(m, k, dtype=FP8_DTYPE), gate_up.new_empty(m, dtype=torch.float32)
+
+
+# Under torch.compile, the per-token quantization of silu(gate) * up (fused gate/up MLPs) runs fp8stream's one-pass
+# Triton kernel as an opaque op instead of the reduction inductor generates (which, by default, reads the 2I-wide
+# rows twice). FP8STREAM_COMPILED_SILU_QUANT=inductor: leave it to inductor.
+_COMPILED_SILU_QUANT = os.environ.get("FP8STREAM_COMPILED_SILU_QUANT", "triton")
+
+
+def _act_quant(x2: torch.Tensor, mode: str, c: Caps, col_major: bool = False, act: bool = False):
+    """Activation quantization of x2 (with act: of silu_mul(x2), fused into the kernel where one exists)."""
     if c.triton_quant and not torch.compiler.is_compiling():
-        return quant_triton(x2, mode, col_major=col_major)
-    q, s = _quant_torch(x2, mode)
+        return quant_triton(x2, mode, col_major=col_major, act=act)
+    if act and mode == "row" and c.triton_quant and _COMPILED_SILU_QUANT == "triton":
+        return _quant_rows_silu_mul_op(x2)
+    q, s = _quant_torch(silu_mul(x2) if act else x2, mode)
     return q, (_col_major(s) if col_major else s)
 
 
 def linear_cuda(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                scheme: str, decode_rule: bool = True) -> torch.Tensor | None:
-    """Fast FP8 Linear on CUDA: [M, K] -> [M, N] in x's dtype, or None when no fast path applies."""
-    return linear_fast(x2, weight, weight_scale, bias, scheme, caps(x2.device), decode_rule)
+                scheme: str, decode_rule: bool = True, act: bool = False) -> torch.Tensor | None:
+    """Fast FP8 Linear on CUDA: [M, K] -> [M, N] in x's dtype, or None when no fast path applies. With act,
+    x2 is [M, 2K] = gate | up and the Linear's input is silu_mul(x2) (fused into the quantization)."""
+    return linear_fast(x2, weight, weight_scale, bias, scheme, caps(x2.device), decode_rule, act)
 
 
-def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps, decode_rule: bool = True) -> torch.Tensor | None:
+def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps, decode_rule: bool = True,
+                act: bool = False) -> torch.Tensor | None:
     n, k = weight.shape
     if c.reference or n % 16 or k % 16:
         return None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if act and (scheme == "fp8_per_tensor" or (decode_rule and x2.shape[0] <= GEMV_MAX_M)):
+        x2, act = silu_mul(x2), False  # per-tensor: the amax of all rows comes first; decode: W8A16 takes it as is
     if decode_rule and x2.shape[0] <= GEMV_MAX_M:  # the decode rule: W8A16 (without Triton: the reference path)
         if not c.triton_gemv:
             return None
@@ -637,23 +670,23 @@ def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps, decode_rul
         return gemv(x2, weight, weight_scale, bias, scheme)
     if scheme == "fp8_per_block":
         if c.blockwise and n % BLOCK == 0 and k % BLOCK == 0:
-            qx, sx = _act_quant(x2, "group", c, col_major=True)
+            qx, sx = _act_quant(x2, "group", c, col_major=True, act=act)
             y = _blockwise_scaled_mm(qx, sx, weight, weight_scale, torch.bfloat16)
             if bias is not None:
                 y = y + bias
             return y.to(x2.dtype)
         if c.triton_gemm:
-            qx, sx = _act_quant(x2, "group", c)
+            qx, sx = _act_quant(x2, "group", c, act=act)
             out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
             return grouped_gemm(qx, sx, weight, weight_scale, None, None, True, out_dtype, bias=bias).to(x2.dtype)
         return None
     if c.triton_gemm and x2.shape[0] <= _TRITON_MAX_M:  # opt-in (FP8STREAM_TRITON_MAX_M): Triton GEMM at small M
-        qx, sx = _act_quant(x2, "row" if scheme == "fp8_per_channel" else "tensor", c)
+        qx, sx = _act_quant(x2, "row" if scheme == "fp8_per_channel" else "tensor", c, act=act)
         out_dtype = x2.dtype if x2.dtype in _DTYPES.values() else torch.bfloat16
         return grouped_gemm(qx, sx, weight, weight_scale, None, None, False, out_dtype, bias=bias).to(x2.dtype)
     if not c.scaled_mm:
         return None
-    qx, sx = _act_quant(x2, "row" if scheme == "fp8_per_channel" else "tensor", c)
+    qx, sx = _act_quant(x2, "row" if scheme == "fp8_per_channel" else "tensor", c, act=act)
     # Rowwise-scaled FP8 GEMM only produces bf16; other model dtypes are cast afterwards.
     fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
     y = torch._scaled_mm(qx, weight.t(), scale_a=sx.view(-1, 1), scale_b=weight_scale.view(1, n), bias=fused_bias,
@@ -699,7 +732,7 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
     rw = top_k_weights.reshape(-1)[perm]
     starts, ends = _group_bounds(sorted_ids, e)
     eager_triton = c.triton_quant and not torch.compiler.is_compiling()
-    silu = _is_silu(act_fn)
+    silu = is_silu(act_fn)
 
     # --- gather + quantize the routed rows
     if block:
@@ -769,7 +802,7 @@ def _experts_decode(x, top_k_index, top_k_weights, w1, s1, w2, s2, act_fn, schem
     out_dtype = x.dtype if x.dtype in _DTYPES.values() else torch.bfloat16
     if c.triton_gemv:
         gate_up = expert_pairs_gemv(x, ids, topk, None, w1, s1, scheme, False, out_dtype)
-        if _is_silu(act_fn):
+        if is_silu(act_fn):
             y = expert_pairs_gemv(gate_up, ids, 1, rw, w2, s2, scheme, True, torch.float32)
         else:
             y = expert_pairs_gemv(_act_mul(gate_up, act_fn, inter), ids, 1, rw, w2, s2, scheme, False, torch.float32)
@@ -823,7 +856,7 @@ def _act_mul(gate_up: torch.Tensor, act_fn, inter: int) -> torch.Tensor:
     return act_fn(gate) * up
 
 
-def _is_silu(act_fn) -> bool:
+def is_silu(act_fn) -> bool:
     if isinstance(act_fn, torch.nn.SiLU):
         return True
     name = type(act_fn).__name__.lower()

@@ -30,7 +30,8 @@ from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_sc
 from .memory import MemoryLedger, Sampler
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
 from .pipeline import Prefetcher, Request, read_now, row_bytes
-from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, replace_with_fp8, sensitive_modules
+from .modules import (SENSITIVE_RULE, FP8Experts, FP8Linear, fuse_gate_up, gate_up_storage, gated_mlps, halves,
+                      replace_with_fp8, sensitive_modules)
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
 from .report import LoadReport
 
@@ -378,17 +379,48 @@ def _schedule(src: _Source, work: list[tuple[_Target, _Chunks]]) -> list[tuple[t
     return out
 
 
-def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device):
-    """The final storage of an FP8 parameter and its scales, allocated once at full size."""
+class _GateUpStorage:
+    """The gate and up weights of each gated MLP (modules.gated_mlps) go into the two halves of one storage,
+    allocated when the first of them is loaded (no copy, no extra bytes); after the load, fuse() makes each MLP
+    run them as one GEMM."""
+
+    def __init__(self, mlps: list[nn.Module]):
+        self._half_of = {id(m.gate_proj): (m, 0) for m in mlps} | {id(m.up_proj): (m, 1) for m in mlps}
+        self._whole: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+
+    def take(self, module: nn.Module, ledger: MemoryLedger, device: torch.device):
+        hit = self._half_of.get(id(module))
+        if hit is None:
+            return None
+        mlp, i = hit
+        if id(mlp) not in self._whole:
+            w, s = gate_up_storage(mlp, device)
+            ledger.add_final(w.nbytes + s.nbytes)
+            self._whole[id(mlp)] = (mlp, w, s)
+        _, w, s = self._whole[id(mlp)]
+        return halves(w)[i], halves(s)[i]
+
+    def fuse(self) -> int:
+        return sum(fuse_gate_up(mlp, w, s) for mlp, w, s in self._whole.values())
+
+
+def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device, gate_up: _GateUpStorage | None = None):
+    """The final storage of an FP8 parameter and its scales, allocated once at full size (a gated MLP's gate and
+    up: the halves of one storage, see _GateUpStorage)."""
     shape = tuple(t.module._parameters[t.attr].shape)
-    w = torch.empty(shape, dtype=FP8_DTYPE, device=device)
-    s = torch.empty(tuple(t.module._parameters[t.scale_attr].shape), dtype=torch.float32, device=device)
-    ledger.add_final(w.nbytes + s.nbytes)
+    ws = gate_up.take(t.module, ledger, device) if gate_up is not None else None
+    if ws is not None:
+        w, s = ws
+    else:
+        w = torch.empty(shape, dtype=FP8_DTYPE, device=device)
+        s = torch.empty(tuple(t.module._parameters[t.scale_attr].shape), dtype=torch.float32, device=device)
+        ledger.add_final(w.nbytes + s.nbytes)
     return w, s, shape[-2], shape[-1], math.prod(shape[:-1])
 
 
-def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device):
-    w, s, n, k, flat = _alloc_fp8(t, ledger, device)
+def _load_quantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device,
+                    gate_up: _GateUpStorage | None = None):
+    w, s, n, k, flat = _alloc_fp8(t, ledger, device, gate_up)
     w_flat = w.view(flat, k)
     itemsize = src.itemsize(t.plan)
     block = scheme == "fp8_per_block"
@@ -575,9 +607,10 @@ def _check_prequantized(targets: list[_Target], ckpt: Checkpoint, scheme: str, s
     return scales
 
 
-def _load_prequantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device, scales: list) -> None:
+def _load_prequantized(t: _Target, c: _Chunks, src: _Source, ledger: MemoryLedger, scheme: str, device: torch.device, scales: list,
+                       gate_up: _GateUpStorage | None = None) -> None:
     """FP8 rows of a pre-quantized checkpoint copied as they are into the final storage; scales placed as planned."""
-    w, s, n, k, flat = _alloc_fp8(t, ledger, device)
+    w, s, n, k, flat = _alloc_fp8(t, ledger, device, gate_up)
     w_flat = w.view(flat, k)
     for d0, d1 in c.rows:
         ledger.stage((d1 - d0) * k)
@@ -681,6 +714,7 @@ def load(
     tp: int = 1,
     ep: bool = False,
     keep_sensitive: bool = False,
+    fuse_gate_up: bool = True,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
@@ -699,6 +733,11 @@ def load(
 
     `keep_sensitive`: also keep the first and the last decoder layer's Linear / experts modules in the
     model dtype (chosen by name, no calibration data; the report's `kept_sensitive` lists them).
+
+    `fuse_gate_up` (single device): the gate_proj and up_proj weights of every MLP whose forward is the canonical
+    `down_proj(act_fn(gate_proj(x)) * up_proj(x))` are loaded into the two halves of one storage, and the MLP runs
+    them as one GEMM, with silu(gate) * up fused into the down projection's input quantization. The parameters keep
+    their names and shapes (views); the report's `gate_up_fused` counts the MLPs.
     """
     if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
@@ -766,6 +805,8 @@ def load(
             if plans is not None:
                 plans = {name: local_plan(plan, layout.shards.get(name)) for name, plan in plans.items()}
         targets = _targets(model, plans)
+        # tensor parallel leaves the MLPs as they are: its forward hooks sit on the projections the fused forward skips
+        gate_up = _GateUpStorage(gated_mlps(model)) if fuse_gate_up and layout is None else None
         if layout is not None:
             for t in targets:
                 t.group = group.group
@@ -808,10 +849,10 @@ def load(
         with torch.no_grad():
             for t, chunks in bar:
                 if t.name in scales:
-                    _load_prequantized(t, chunks, src, ledger, scheme, dev, scales[t.name])
+                    _load_prequantized(t, chunks, src, ledger, scheme, dev, scales[t.name], gate_up)
                     n_quant += 1
                 elif t.scale_attr is not None:
-                    checks.append(_load_quantized(t, chunks, src, ledger, scheme, dev))
+                    checks.append(_load_quantized(t, chunks, src, ledger, scheme, dev, gate_up))
                     n_quant += 1
                 else:
                     checks.append(_load_kept(t, chunks, src, ledger, dtype, dev))
@@ -842,6 +883,7 @@ def load(
     ledger.sample()
     if layout is not None:
         install_hooks(model, layout, group.group)
+    fused = gate_up.fuse() if gate_up is not None else 0
     report = LoadReport(
         device=str(dev), scheme=scheme, peak_bytes=ledger.peak(), final_bytes=final_bytes,
         full_precision_bytes=full_precision, staging_bytes=staging, load_seconds=seconds,
@@ -851,6 +893,7 @@ def load(
         quantized_modules=quantized, kept_modules=kept_modules, kept_sensitive=sensitive,
         kept_sensitive_rule=SENSITIVE_RULE if keep_sensitive else "", read_bytes=ckpt.bytes_read if ckpt is not None else 0,
         rank=group.rank if group else 0, world_size=group.world if group else 1, tp=tp, ep=layout.ep if layout else 1,
+        gate_up_fused=fused,
     )
     if group is None:
         log.debug("Peak device memory while loading weights: %.2f GiB", report.peak_bytes / 2**30)

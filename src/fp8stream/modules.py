@@ -12,9 +12,14 @@ and multiplies in float32. Both compute the same function.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import re
+import textwrap
+import types
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,15 +41,16 @@ def _empty_param(shape, dtype, device) -> nn.Parameter:
 
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str,
-    decode_rule: bool = True,
+    decode_rule: bool = True, act: bool = False,
 ) -> torch.Tensor:
     """y = dynamic_fp8(x) @ weight^T * scales (+ bias), in x's dtype. weight [N, K] fp8. With decode_rule,
-    x of at most kernels.GEMV_MAX_M rows is not quantized (W8A16; see kernels.GEMV_MAX_M)."""
+    x of at most kernels.GEMV_MAX_M rows is not quantized (W8A16; see kernels.GEMV_MAX_M). With act, x is
+    [..., 2K] = gate | up and the input is silu(gate) * up (kernels.silu_mul), fused into the quantization."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    y = kernels.linear_cuda(x2, weight, weight_scale, bias, scheme, decode_rule) if x2.is_cuda else None
+    x2 = x.reshape(-1, 2 * k if act else k)
+    y = kernels.linear_cuda(x2, weight, weight_scale, bias, scheme, decode_rule, act) if x2.is_cuda else None
     if y is None:
-        y = kernels.reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule).to(x.dtype)
+        y = kernels.reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule, act).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -139,6 +145,116 @@ class FP8Experts(nn.Module):
             out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
             start += count
         return out
+
+
+# ---- gated MLPs: gate_proj and up_proj as one GEMM ----
+
+_CANONICAL_GATED = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
+_GATED_FORWARD: dict[type, bool] = {}
+
+
+def _is_canonical_gated_forward(cls: type) -> bool:
+    """True when cls.forward(self, x) is exactly `return self.down_proj(self.act_fn(self.gate_proj(x)) *
+    self.up_proj(x))` (or assigns that to a name and returns it), read from its source: 134 transformers MLP
+    classes (Llama, Qwen2/3, Mistral, the Qwen MoE shared experts...). Anything else keeps its own forward."""
+    if cls not in _GATED_FORWARD:
+        _GATED_FORWARD[cls] = _read_gated_forward(cls)
+    return _GATED_FORWARD[cls]
+
+
+def _read_gated_forward(cls: type) -> bool:
+    fn = getattr(cls, "forward", None)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    f = tree.body[0] if tree.body else None
+    if not isinstance(f, ast.FunctionDef) or f.decorator_list:
+        return False
+    a = f.args
+    if len(a.args) != 2 or a.posonlyargs or a.vararg or a.kwonlyargs or a.kwarg or a.defaults:
+        return False
+    want = ast.dump(ast.parse(_CANONICAL_GATED.format(x=a.args[1].arg), mode="eval").body)
+    body = [st for st in f.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]  # docstring
+    if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+        return ast.dump(body[0].value) == want
+    if (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+            and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+            and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        return ast.dump(body[0].value) == want
+    return False
+
+
+def gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """MLP modules whose gate_proj and up_proj can run as one FP8 GEMM: the canonical gated forward (above), gate and
+    up both FP8Linear of one shape and scheme without bias (fp8_per_block: whole 128-row scale blocks)."""
+    out = []
+    for module in model.modules():
+        gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+        if not (isinstance(gate, FP8Linear) and isinstance(up, FP8Linear) and isinstance(getattr(module, "down_proj", None), nn.Module)):
+            continue
+        if (gate.bias is not None or up.bias is not None or gate.scheme != up.scheme
+                or (gate.in_features, gate.out_features) != (up.in_features, up.out_features)
+                or (gate.scheme == "fp8_per_block" and gate.out_features % BLOCK)):
+            continue
+        if _is_canonical_gated_forward(type(module)):
+            out.append(module)
+    return out
+
+
+def gate_up_storage(mlp: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty storage for a gated MLP's gate and up weights as one [2N, K] weight and its scales: the loader fills
+    gate's rows into the first half and up's into the second (halves), then fuse_gate_up runs them as one GEMM."""
+    gate = mlp.gate_proj
+    n, k = gate.out_features, gate.in_features
+    return (torch.empty(2 * n, k, dtype=FP8_DTYPE, device=device),
+            torch.empty(_scale_shape(gate.scheme, (), 2 * n, k), dtype=torch.float32, device=device))
+
+
+def halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = t.shape[0] // 2
+    return t[:n], t[n:]
+
+
+def fuse_gate_up(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """If mlp's loaded gate and up parameters are the two halves of (weight, weight_scale) (gate_up_storage), make its
+    forward run them as one GEMM and fuse silu(gate) * up into the down projection's activation quantization.
+    Same function (the same quantization of the same inputs); fewer, larger kernels. False if they are not."""
+    if not _halves_of(mlp, weight, weight_scale):
+        return False
+    mlp.fp8_gate_up = GateUp(weight, weight_scale)
+    mlp.forward = types.MethodType(_gated_forward, mlp)
+    return True
+
+
+class GateUp(NamedTuple):
+    weight: torch.Tensor  # [2N, K] fp8: gate_proj's rows, then up_proj's
+    weight_scale: torch.Tensor
+
+
+def _halves_of(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    gate, up = mlp.gate_proj, mlp.up_proj
+    return all(p.data_ptr() == whole.data_ptr() + i * p.nbytes and 2 * p.shape[0] == whole.shape[0]
+               for whole, parts in ((weight, (gate.weight, up.weight)), (weight_scale, (gate.weight_scale, up.weight_scale)))
+               for i, p in enumerate(parts))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
+    f, gate, up, down = self.fp8_gate_up, self.gate_proj, self.up_proj, self.down_proj
+    # Weights replaced since the load (e.g. `.data = ...`), or hooks to run: the model's own forward. Every eager call
+    # checks the pointers; dynamo cannot compare them, so a compiled forward trusts the load.
+    moved = not torch.compiler.is_compiling() and not _halves_of(self, f.weight, f.weight_scale)
+    if moved or _hooked(gate) or _hooked(up):
+        return type(self).forward(self, x)
+    gate_up = fp8_linear(x, f.weight, f.weight_scale, None, gate.scheme)
+    if isinstance(down, FP8Linear) and not _hooked(down) and kernels.is_silu(self.act_fn):
+        return fp8_linear(gate_up, down.weight, down.weight_scale, down.bias, down.scheme, act=True)
+    g, u = gate_up.chunk(2, dim=-1)
+    return down(self.act_fn(g) * u)
 
 
 def _local_reference(module: FP8Experts, hidden_states, local_index, weights) -> torch.Tensor:

@@ -30,6 +30,7 @@ class LoadReport:
     world_size: int = 1
     tp: int = 1
     ep: int = 1
+    gate_up_fused: int = 0  # gated MLPs whose gate and up projections run as one GEMM (load's fuse_gate_up)
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: list[str] = field(default_factory=list)
     kept_sensitive: list[str] = field(default_factory=list)  # kept in the model dtype by keep_sensitive
