@@ -412,7 +412,8 @@ def test_gate_up_loaded_into_one_storage(checkpoints, arch, scheme):
         assert torch.equal(p, plain_params[name]), name
     a, b = fused.fp8stream_report, plain.fp8stream_report
     assert (a.final_bytes, a.peak_bytes) == (b.final_bytes, b.peak_bytes)
+    # the same function: only the float32 summation order of one [2I]- vs two [I]-wide products may differ (BLAS)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.equal(fused(ids).logits, plain(ids).logits)
-        assert torch.equal(fused(ids[:, :1]).logits, plain(ids[:, :1]).logits)  # decode-size input
+        assert _rel(fused(ids).logits, plain(ids).logits) < 1e-3
+        assert _rel(fused(ids[:, :1]).logits, plain(ids[:, :1]).logits) < 1e-3  # decode-size input

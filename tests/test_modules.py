@@ -179,7 +179,8 @@ def test_gated_mlps_are_recognized_from_the_forward_source():
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_fused_gated_mlp_matches_float64(scheme, m):
     """One GEMM for gate|up and silu(gate) * up fused into the down projection's quantization compute the model's own
-    function: float64 reference of the unfused formula, and bit-equal to the module's unfused forward on CPU."""
+    function: float64 reference of the unfused formula, and the module's unfused forward (equal up to the float32
+    summation order of a [2I]- vs two [I]-wide products, which some BLAS builds change)."""
     mlp, fused = _fp8_mlp(_Canonical, scheme)
     assert fused and mlp.forward.__func__ is not type(mlp).forward
     x = torch.randn(m, 64)
@@ -188,7 +189,11 @@ def test_fused_gated_mlp_matches_float64(scheme, m):
     ref = _reference(torch.nn.functional.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.weight_scale, None, scheme)
     y = mlp(x)
     assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
-    assert torch.equal(y, type(mlp).forward(mlp, x))
+    assert _rel64(y, type(mlp).forward(mlp, x)) < 1e-5
+
+
+def _rel64(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_fused_gated_mlp_runs_its_own_forward_when_weights_move_or_hooks_are_set():
@@ -197,7 +202,7 @@ def test_fused_gated_mlp_runs_its_own_forward_when_weights_move_or_hooks_are_set
     before = mlp(x)
     mlp.up_proj.weight.data = mlp.up_proj.weight.data.flip(0).contiguous()  # new storage: the fused copy is stale
     after = mlp(x)
-    assert torch.equal(after, type(mlp).forward(mlp, x)) and not torch.equal(after, before)
+    assert torch.equal(after, type(mlp).forward(mlp, x)) and _rel64(after, before) > 0.1
     mlp2, _ = _fp8_mlp(_Canonical, "fp8_per_channel")
     seen = []
     mlp2.gate_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
@@ -213,7 +218,7 @@ def test_fused_gated_mlp_other_activation_and_compile():
         assert fused
         x = torch.randn(3, 40, 64)
         ref = type(mlp).forward(mlp, x)
-        assert torch.equal(mlp(x), ref)
+        assert _rel64(mlp(x), ref) < 1e-5
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True, backend="eager")(x), ref)
 
 
