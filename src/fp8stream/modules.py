@@ -222,9 +222,17 @@ def fuse_gate_up(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tenso
     Same function (the same quantization of the same inputs); fewer, larger kernels. False if they are not."""
     if not _halves_of(mlp, weight, weight_scale):
         return False
+    for t in (weight, weight_scale):
+        # Not a parameter or buffer: CUDA graphs would copy it into a static input buffer on every replay (3.7 GB per
+        # Llama-8B decode step) unless it is marked static, as torch._dynamo.mark_static_address(t) marks it, without
+        # importing dynamo in a load (unguarded: one compiled layer serves every layer's weights)
+        setattr(t, STATIC_ADDRESS_MARK, "unguarded")
     mlp.fp8_gate_up = GateUp(weight, weight_scale)
     mlp.forward = types.MethodType(_gated_forward, mlp)
     return True
+
+
+STATIC_ADDRESS_MARK = "_dynamo_static_input_type"  # tests/test_modules.py checks that mark_static_address sets it
 
 
 class GateUp(NamedTuple):
