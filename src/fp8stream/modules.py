@@ -256,7 +256,10 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
     # Weights replaced since the load (e.g. `.data = ...`), or hooks to run: the model's own forward. Every eager call
     # checks the pointers; dynamo cannot compare them, so a compiled forward trusts the load.
     moved = not torch.compiler.is_compiling() and not _halves_of(self, f.weight, f.weight_scale)
-    if moved or _hooked(gate) or _hooked(up):
+    # Decode sizes (W8A16 gemv) keep the two projections: measured slower fused under CUDA graphs (H100, Llama-8B
+    # compiled decode b1: 127 vs 156 tok/s, BENCHMARKS.md), where one launch less per layer buys nothing anyway.
+    decode = x.numel() <= kernels.GEMV_MAX_M * x.shape[-1]
+    if moved or decode or _hooked(gate) or _hooked(up):
         return type(self).forward(self, x)
     gate_up = fp8_linear(x, f.weight, f.weight_scale, None, gate.scheme)
     if isinstance(down, FP8Linear) and not _hooked(down) and kernels.is_silu(self.act_fn):
