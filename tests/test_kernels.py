@@ -588,8 +588,9 @@ def test_cuda_compile_fullgraph(scheme, mode):
 
 
 @cuda_only
+@pytest.mark.parametrize("fuse_gate_up", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
-def test_cuda_generate_static_cache_compiled(tmp_path, arch):
+def test_cuda_generate_static_cache_compiled(tmp_path, arch, fuse_gate_up):
     """transformers' generate with a static cache (auto-compiled decode step, CUDA graphs) on an FP8
     model: runs, is reproducible, and a compiled forward gives the eager forward's logits."""
     import fp8stream
@@ -597,7 +598,7 @@ def test_cuda_generate_static_cache_compiled(tmp_path, arch):
 
     torch._dynamo.reset()
     path, _ = make_checkpoint(arch, tmp_path)
-    model = fp8stream.load(path, device="cuda", progress=False)
+    model = fp8stream.load(path, device="cuda", progress=False, fuse_gate_up=fuse_gate_up)
     ids = torch.randint(0, 256, (2, 12), device="cuda")
     kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0)
     with torch.no_grad():
