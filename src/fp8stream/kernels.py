@@ -7,8 +7,10 @@ only faster:
 
   what                     eager on CUDA                         under torch.compile on CUDA        CPU / fallback
   activation quantization  one Triton kernel (per token, per     plain torch ops (inductor fuses    plain torch ops
-                           tensor = amax + kernel, 1x128 groups;  them with their neighbours)
-                           MoE: gather + act(gate)*up fused in)
+                           tensor = amax + kernel, 1x128 groups;  them with their neighbours); per
+                           MoE: gather + act(gate)*up fused in;   token silu(gate)*up and gathered
+                           fused gate|up MLPs: silu(gate)*up)     MoE rows: the Triton kernel as a
+                                                                  custom op (one pass)
   fp8_per_channel/tensor   torch._scaled_mm rowwise, bias and bf16 output in the GEMM                  dequantize + matmul
   fp8_per_block Linear     F.scaled_mm BlockWise1x128 x BlockWise128x128 when this torch/GPU accepts
                            it (self-test once per device), else the Triton blockwise GEMM             dequantize + matmul
