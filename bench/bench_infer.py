@@ -273,8 +273,8 @@ def build_model(model: str, variant: str, layers: int | None):
     else:
         import fp8stream
 
-        # BENCH_FUSE_GATE_UP=1: load(fuse_gate_up=True), gate_proj / up_proj as one GEMM (opt-in), for A/B runs
-        fuse = os.environ.get("BENCH_FUSE_GATE_UP", "0") == "1"
+        # BENCH_FUSE_GATE_UP=0: load(fuse_gate_up=False), gate_proj / up_proj as two GEMMs, for A/B runs
+        fuse = os.environ.get("BENCH_FUSE_GATE_UP", "1") != "0"
         m = fp8stream.load(path, device=DEVICE, scheme=variant, load_format="dummy", progress=False, fuse_gate_up=fuse)
     m.eval()
     _sync()

@@ -398,8 +398,8 @@ def test_gate_up_loaded_into_one_storage(checkpoints, arch, scheme):
     """Gated MLPs (Llama's, Qwen2-MoE's shared expert) get gate and up in the halves of one storage at no extra byte,
     and the model computes exactly what the unfused load computes."""
     path, _ = checkpoints(arch)
-    fused = fp8stream.load(path, device="cpu", scheme=scheme, progress=False, fuse_gate_up=True)
-    plain = fp8stream.load(path, device="cpu", scheme=scheme, progress=False)  # the default: unfused
+    fused = fp8stream.load(path, device="cpu", scheme=scheme, progress=False)  # the default: fused
+    plain = fp8stream.load(path, device="cpu", scheme=scheme, progress=False, fuse_gate_up=False)
     mlps = [m for m in fused.modules() if hasattr(m, "fp8_gate_up")]
     assert len(mlps) == fused.config.num_hidden_layers == fused.fp8stream_report.gate_up_fused
     assert plain.fp8stream_report.gate_up_fused == 0 and not any(hasattr(m, "fp8_gate_up") for m in plain.modules())

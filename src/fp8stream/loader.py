@@ -714,7 +714,7 @@ def load(
     tp: int = 1,
     ep: bool = False,
     keep_sensitive: bool = False,
-    fuse_gate_up: bool = False,
+    fuse_gate_up: bool = True,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
@@ -734,12 +734,11 @@ def load(
     `keep_sensitive`: also keep the first and the last decoder layer's Linear / experts modules in the
     model dtype (chosen by name, no calibration data; the report's `kept_sensitive` lists them).
 
-    `fuse_gate_up` (single device, opt-in): the gate_proj and up_proj weights of every MLP whose forward is the
-    canonical `down_proj(act_fn(gate_proj(x)) * up_proj(x))` are loaded into the two halves of one storage, and at
-    prefill sizes the MLP runs them as one GEMM, with silu(gate) * up fused into the down projection's input
-    quantization. The parameters keep their names and shapes (views); the report's `gate_up_fused` counts the MLPs.
-    Faster prefill (H100, Llama-8B 1 x 4096 compiled: 1.42x -> 1.48x bf16); off by default because compiled decode
-    with CUDA graphs measured slower with it (BENCHMARKS.md, "sixth pass").
+    `fuse_gate_up` (single device): the gate_proj and up_proj weights of every MLP whose forward is the canonical
+    `down_proj(act_fn(gate_proj(x)) * up_proj(x))` are loaded into the two halves of one storage, and at prefill sizes
+    the MLP runs them as one GEMM, with silu(gate) * up fused into the down projection's input quantization (decode
+    sizes keep the two projections). The parameters keep their names and shapes (views); the report's
+    `gate_up_fused` counts the MLPs. H100, Llama-8B prefill 1 x 4096 compiled: 1.42x -> 1.48x bf16.
     """
     if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
