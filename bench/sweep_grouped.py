@@ -32,11 +32,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", default="512,4096,16384")
     ap.add_argument("--no-grid", action="store_true")
+    ap.add_argument("--tma", action="store_true", help="also time the experimental TMA kernel (kernels._launch_gemm_tma)")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     grid = list(itertools.product([16, 32, 64, 128], [64, 128, 256], [128], [4, 8], [3, 4]))  # BM, BN, BK, warps, stages
-    for name, (e, topk, h, i) in SHAPES.items():
+    tma_grid = list(itertools.product([64, 128], [128, 256], [128], [4, 8], [3, 4]))
+    for name in args.shapes.split(","):
+        e, topk, h, i = SHAPES[name]
         for t in [int(v) for v in args.tokens.split(",")]:
             ids = torch.stack([torch.randperm(e, device=dev)[:topk] for _ in range(t)]).reshape(-1)
             sorted_ids, _ = torch.sort(ids)
@@ -79,6 +83,13 @@ def main(argv=None) -> int:
                 if best:
                     rec["triton_best_us"], rec["triton_best_config"] = round(best[0], 1), best[1]
                     rec["triton_best_tflops"] = round(flop / best[0] / 1e6, 1)
+                if args.tma:
+                    tma = best_config(tma_grid, lambda cfg: [lambda cfg=cfg: K._launch_gemm_tma(q, s, w8, ws, None, starts, ends,
+                                                                                            torch.bfloat16, cfg)],
+                                      ref, 1e-2, gemm + " tma", reps=3)
+                    if tma:
+                        rec["tma_best_us"], rec["tma_best_config"] = round(tma[0], 1), tma[1]
+                        rec["tma_best_tflops"] = round(flop / tma[0] / 1e6, 1)
                 emit(rec, args.out)
 
     return 0

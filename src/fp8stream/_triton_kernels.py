@@ -242,3 +242,47 @@ def fp8_gemv1_kernel(x_ptr, eid_ptr, rw_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(out_ptr + p * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, tile_end_ptr,
+                        M, N, K, E, stride_as_m, stride_bs_e, stride_bs_n, stride_cm,
+                        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr):
+    # fp8_gemm_kernel (rowwise scales) with A and B tiles loaded by the Tensor Memory Accelerator (Hopper): A through
+    # a descriptor over [M, K], B over [E * N, K]. A tile may run past its group's rows or an expert's N rows into
+    # the next ones (in bounds of the whole tensor, zeros past it): those rows / columns are computed and not stored.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUPED:
+        es = tl.arange(0, E_P2)
+        t_end = tl.load(tile_end_ptr + es, mask=es < E, other=2147483647)
+        e = tl.sum((t_end <= pid_m).to(tl.int32), axis=0)
+        if e >= E:
+            return
+        row_start = tl.load(starts_ptr + e)
+        row_end = tl.load(ends_ptr + e)
+        n_tiles = (row_end - row_start + BM - 1) // BM
+        m0 = row_start + (pid_m - (tl.load(tile_end_ptr + e) - n_tiles)) * BM
+    else:
+        e = pid_m * 0
+        row_end = M
+        m0 = pid_m * BM
+    n0 = pid_n * BN
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = a_desc.load([m0, k0])
+        b = b_desc.load([e * N + n0, k0])
+        acc = tl.dot(a, b.T, acc)
+    rm = m0 + tl.arange(0, BM)
+    rn = n0 + tl.arange(0, BN)
+    mask_m = rm < row_end
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    sa = tl.load(as_ptr + rm64 * stride_as_m, mask=mask_m, other=0.0)
+    sb = tl.load(bs_ptr + e * stride_bs_e + rn * stride_bs_n, mask=mask_n, other=0.0)
+    acc = acc * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

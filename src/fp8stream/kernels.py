@@ -428,6 +428,39 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
     return out
 
 
+def _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype,
+                     config: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """Rowwise fp8_gemm_tma_kernel (Hopper TMA loads); same contract as _launch_gemm without block scales.
+    Experimental: bench/sweep_grouped.py --tma times it against the default kernel."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tk = triton_kernels()
+    rows, k = a.shape
+    grouped = b.dim() == 3
+    e = b.shape[0] if grouped else 1
+    n = b.shape[-2]
+    out = torch.empty(rows, n, device=a.device, dtype=out_dtype)
+    if rows == 0:
+        return out
+    bm, bn, bk, warps, stages = config
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(b.reshape(e * n, k), [bn, bk])
+    if grouped:
+        tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
+        tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
+        grid_m = -(-rows // bm) + e
+    else:
+        tile_end = ends = starts = a_scale
+        grid_m = -(-rows // bm)
+    sb = b_scale if grouped else b_scale.unsqueeze(0)
+    tk.fp8_gemm_tma_kernel[(grid_m, -(-n // bn))](
+        a_desc, a_scale, b_desc, sb, out, bias if bias is not None else out, starts, ends, tile_end,
+        rows, n, k, e, a_scale.stride(0), sb.stride(0), sb.stride(1), out.stride(0),
+        GROUPED=grouped, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, E_P2=_pow2(e),
+        num_warps=warps, num_stages=stages)
+    return out
+
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
