@@ -538,6 +538,34 @@ def test_cuda_expert_parallel_shards_sum_to_the_whole(scheme):
 
 
 @cuda_only
+@pytest.mark.parametrize("counts", [[300, 0, 41, 700], [0, 0, 513, 0], [1000, 1, 1, 1]])
+def test_cuda_tma_grouped_gemm_matches_the_pointer_kernel(counts):
+    """The Hopper TMA grouped GEMM (the default for prefill-size groups when the probe accepts it): tiles that run past
+    a group's rows or an expert's N rows into the next ones must not leak into the output; empty groups."""
+    c = K.caps(torch.device("cuda"))
+    if not c.triton_tma:
+        pytest.skip(f"no TMA kernel here: {K.PROBE_LOG.get(torch.cuda.current_device(), {}).get('triton grouped gemm, TMA (Hopper)')}")
+    e, n, k = len(counts), 384, 640  # N not a multiple of the 256-wide tile: the last tile reads the next expert
+    qs = [_cuda_weight(n, k, "fp8_per_channel") for _ in range(e)]
+    qw, sw = torch.stack([q for q, _ in qs]), torch.stack([s.view(-1) for _, s in qs])
+    x = torch.randn(sum(counts), k, device="cuda")
+    qx, sx = quantize_activation(x, "fp8_per_channel")
+    sx = sx.view(-1)
+    ids = torch.repeat_interleave(torch.arange(e, device="cuda"), torch.tensor(counts, device="cuda"))
+    starts, ends = K._group_bounds(ids, e)
+    got = K._launch_gemm_tma(qx, sx, qw, sw, None, starts, ends, torch.bfloat16, K._TMA_CONFIG)
+    ref = K._launch_gemm(qx, sx, qw, sw, None, starts, ends, False, torch.bfloat16, (64, 128, 128, 4, 3))
+    assert _rel(got, ref) < 1e-2
+    assert torch.equal(K._launch_gemm(qx, sx, qw, sw, None, starts, ends, False, torch.bfloat16), got)  # the default
+    start = 0
+    for i, cnt in enumerate(counts):  # each group against the float64 product of its own expert
+        if cnt:
+            want = _ref_linear64(x[start:start + cnt].cpu(), qw[i].cpu(), sw[i].cpu(), None, "fp8_per_channel", decode_rule=False)
+            assert _rel(got[start:start + cnt].cpu(), want) < 1e-2, i
+        start += cnt
+
+
+@cuda_only
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("m", [1, 5, 256, 1024])
 def test_cuda_linear_fast_silu_mul_input(scheme, m):
