@@ -14,7 +14,8 @@ only faster:
   fp8_per_channel/tensor   torch._scaled_mm rowwise, bias and bf16 output in the GEMM                  dequantize + matmul
   fp8_per_block Linear     F.scaled_mm BlockWise1x128 x BlockWise128x128 when this torch/GPU accepts
                            it (self-test once per device), else the Triton blockwise GEMM             dequantize + matmul
-  MoE per-channel/tensor   sort by expert, the Triton grouped GEMM for gate_up and down (without Triton:
+  MoE per-channel/tensor   sort by expert, the Triton grouped GEMM for gate_up and down (TMA loads on Hopper
+                           for groups of prefill size; without Triton:
                            torch._scaled_grouped_mm), routing weight folded into the down GEMM's row
                            scales, combine by index_copy + sum                                         per-expert loop
   MoE per-block            the same with block scales in the Triton grouped GEMM
