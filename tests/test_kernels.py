@@ -274,6 +274,22 @@ def test_expert_parallel_shards_sum_to_the_whole_compiled(scheme):
 
 
 @pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
+def test_tma_gemm_in_interpreter():
+    """The TMA grouped GEMM's logic (tiles past a group's rows or an expert's N rows, empty groups) on CPU tensors
+    through the interpreter, against the pointer-load kernel (the GPU test repeats this on Hopper)."""
+    torch.manual_seed(0)
+    e, n, k, counts = 4, 96, 256, [37, 0, 130, 5]
+    qs = [_quantize_weight(torch.randn(n, k), "fp8_per_channel") for _ in range(e)]
+    qw, sw = torch.stack([q for q, _ in qs]), torch.stack([s.view(-1) for _, s in qs])
+    qx, sx = quantize_activation(torch.randn(sum(counts), k), "fp8_per_channel")
+    ids = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+    starts, ends = K._group_bounds(ids, e)
+    got = K._launch_gemm_tma(qx, sx.view(-1), qw, sw, None, starts, ends, torch.float32, (32, 64, 64, 4, 2))
+    want = K._launch_gemm(qx, sx.view(-1), qw, sw, None, starts, ends, False, torch.float32, (32, 64, 64, 4, 2))
+    assert _rel(got, want) < 1e-6
+
+
+@pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_triton_gemm_in_interpreter(scheme):
     """The Triton GEMM (grouped with empty groups, and dense blockwise) on CPU tensors through the interpreter."""

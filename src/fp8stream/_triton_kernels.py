@@ -108,6 +108,30 @@ def quant_groups_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, K, G, stride_xm, stride_qm
 
 
 @triton.jit
+def _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED: tl.constexpr, BM: tl.constexpr,
+              E_P2: tl.constexpr):
+    # (group e, first row m0, end of the rows the tile may store, whether program pid_m has a tile). Grouped: tiles of
+    # each group are numbered consecutively; tile_end is the inclusive cumsum of ceil(rows_e / BM). The grid has an
+    # upper bound of tiles; programs past the last one have none (their e is clamped so the loads stay in bounds).
+    if GROUPED:
+        es = tl.arange(0, E_P2)
+        t_end = tl.load(tile_end_ptr + es, mask=es < E, other=2147483647)
+        e = tl.sum((t_end <= pid_m).to(tl.int32), axis=0)
+        has_tile = e < E
+        e = tl.minimum(e, E - 1)
+        row_start = tl.load(starts_ptr + e)
+        row_end = tl.load(ends_ptr + e)
+        n_tiles = (row_end - row_start + BM - 1) // BM
+        m0 = row_start + (pid_m - (tl.load(tile_end_ptr + e) - n_tiles)) * BM
+    else:
+        e = pid_m * 0
+        has_tile = pid_m >= 0
+        row_end = M
+        m0 = pid_m * BM
+    return e, m0, row_end, has_tile
+
+
+@triton.jit
 def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, tile_end_ptr,
                     M, N, K, E,
                     stride_am, stride_as_m, stride_as_k,
@@ -118,23 +142,9 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, e
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if GROUPED:
-        # Tiles of each group are numbered consecutively; tile_end is the inclusive cumsum of
-        # ceil(rows_e / BM). The grid has an upper bound of tiles; programs past the last one exit.
-        es = tl.arange(0, E_P2)
-        t_end = tl.load(tile_end_ptr + es, mask=es < E, other=2147483647)
-        e = tl.sum((t_end <= pid_m).to(tl.int32), axis=0)
-        if e >= E:
-            return
-        row_start = tl.load(starts_ptr + e)
-        row_end = tl.load(ends_ptr + e)
-        n_tiles = (row_end - row_start + BM - 1) // BM
-        local = pid_m - (tl.load(tile_end_ptr + e) - n_tiles)
-        m0 = row_start + local * BM
-    else:
-        e = pid_m * 0
-        row_end = M
-        m0 = pid_m * BM
+    e, m0, row_end, has_tile = _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED, BM, E_P2)
+    if not has_tile:
+        return
     rm = m0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -254,20 +264,9 @@ def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_
     # the next ones (in bounds of the whole tensor, zeros past it): those rows / columns are computed and not stored.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if GROUPED:
-        es = tl.arange(0, E_P2)
-        t_end = tl.load(tile_end_ptr + es, mask=es < E, other=2147483647)
-        e = tl.sum((t_end <= pid_m).to(tl.int32), axis=0)
-        if e >= E:
-            return
-        row_start = tl.load(starts_ptr + e)
-        row_end = tl.load(ends_ptr + e)
-        n_tiles = (row_end - row_start + BM - 1) // BM
-        m0 = row_start + (pid_m - (tl.load(tile_end_ptr + e) - n_tiles)) * BM
-    else:
-        e = pid_m * 0
-        row_end = M
-        m0 = pid_m * BM
+    e, m0, row_end, has_tile = _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED, BM, E_P2)
+    if not has_tile:
+        return
     n0 = pid_n * BN
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):

@@ -422,7 +422,7 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
     e = b.shape[0] if grouped else 1
     n = b.shape[-2]
     if (config is None and grouped and not blockwise and rows > 64 * min(e, rows) and b.is_contiguous()
-            and a.is_contiguous() and caps(a.device).triton_tma):
+            and a.is_contiguous() and a.is_cuda and caps(a.device).triton_tma):
         return _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype, _TMA_CONFIG)
     out = torch.empty(rows, n, device=a.device, dtype=out_dtype)
     if rows == 0:
