@@ -15,7 +15,9 @@ in a fresh worker process (a crash or timeout in one configuration is recorded, 
            GPU (its init: normal(0, initializer_range=0.02), norms 1); FP8 = fp8stream.load(load_format=
            "dummy"): normal(0, 0.02) values quantized by the scheme; kept modules (embeddings, lm_head,
            routers, norms) are bf16 in both. Measured:
-             prefill tok/s  model(ids, use_cache=False, logits_to_keep=1), 1 x 4096 and 8 x 512 tokens
+             prefill tok/s  model(ids, use_cache=False, logits_to_keep=1), 1 x 4096 and 8 x 512 tokens; median of
+                            --prefill-reps forwards (5) after --prefill-warm (2; compiled 2), each one recorded
+                            (rep_tok_s); points whose repetitions differ by > 10 % are listed under the tables
              decode tok/s   transformers generate, greedy, exactly N new tokens (min_new_tokens = N) after
                             a 32-token random prompt, batch 1 / 8 / 32: B * N / wall time of generate
            eager: as loaded (dynamic cache). compiled: decode = transformers' static-cache recipe
@@ -281,7 +283,8 @@ def build_model(model: str, variant: str, layers: int | None):
     return m, time.perf_counter() - t0
 
 
-def _prefill_tok_s(model, b: int, t: int, reps: int = 3, warm: int = 1) -> float:
+def _prefill_tok_s(model, b: int, t: int, reps: int = 3, warm: int = 1) -> tuple[float, list[float]]:
+    """(median tokens/s, tokens/s of each timed forward): the spread between repetitions is part of the result."""
     import torch
 
     ids = torch.randint(0, model.config.vocab_size, (b, t), device=DEVICE)
@@ -295,7 +298,7 @@ def _prefill_tok_s(model, b: int, t: int, reps: int = 3, warm: int = 1) -> float
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
             _sync()
             ts.append(time.perf_counter() - t0)
-    return b * t / statistics.median(ts)
+    return b * t / statistics.median(ts), [b * t / x for x in ts]
 
 
 def _decode_tok_s(model, b: int, new: int, static: bool, warm_new: int, reps: int) -> tuple[float, float]:
@@ -390,7 +393,8 @@ def run_model(spec: dict, out: Path) -> None:
                     compiled_layers = True
                 t0 = time.perf_counter()
                 graphs0 = _unique_graphs()
-                rec["tok_s"] = _prefill_tok_s(model, b, t, warm=2 if mode == "compiled" else 1)
+                rec["tok_s"], rec["rep_tok_s"] = _prefill_tok_s(model, b, t, reps=spec["prefill_reps"],
+                                                                warm=2 if mode == "compiled" else spec["prefill_warm"])
                 rec["wall_s"] = time.perf_counter() - t0
                 rec["tokens"] = b * t
                 if mode == "compiled" and graphs0 is not None:
@@ -604,6 +608,11 @@ def markdown(env: dict, records: list[dict], args, wall_s: float) -> str:
                 lines += ["", "Load / GPU memory: " + "; ".join(
                     f"{r['variant']} {r['mode']} {r['seconds']:.1f} s {r['gib']:.1f} GiB" for r in loads)]
             lines.append("")
+    spread = [r for r in records if len(r.get("rep_tok_s", [])) > 1 and max(r["rep_tok_s"]) > 1.1 * min(r["rep_tok_s"])]
+    if spread:  # one forward is ~0.1-4 s: a slow repetition shows here before it moves a median
+        lines += ["Prefill points whose repetitions differ by > 10 % (tokens/s, min-max): " + "; ".join(
+            f"{r['model']} {r['variant']} {r['mode']} {r['task']} {min(r['rep_tok_s']):.0f}-{max(r['rep_tok_s']):.0f}"
+            for r in spread), ""]
     lines += targets(records)
     errs = [r for r in records if r.get("kind") == "worker_error" or (r.get("kind") == "job" and r.get("error"))]
     if errs:
@@ -624,6 +633,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-decode-batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=1, help="timed generate calls per decode point (median)")
+    ap.add_argument("--prefill-reps", type=int, default=5, help="timed forwards per prefill point (median; each is recorded)")
+    ap.add_argument("--prefill-warm", type=int, default=2, help="untimed forwards before an eager prefill point")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (faster compiles; ratios shift "
                                                               "towards the bf16 embedding / lm_head share)")
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting work after this many seconds")
@@ -671,6 +682,7 @@ def main(argv=None) -> int:
         jout = out / f"worker-{i:02d}.jsonl"
         jout.write_text("")
         spec = dict(job, out=str(jout), deadline=deadline, new_tokens=args.new_tokens, reps=args.reps, layers=args.layers,
+                    prefill_reps=args.prefill_reps, prefill_warm=args.prefill_warm,
                     device=args.device, config_root=args.config_root)
         print(f"=== {label} (tasks {job.get('tasks', '')}, {end - now:.0f} s of budget left)", flush=True)
         t0 = time.time()
