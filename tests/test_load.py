@@ -417,3 +417,18 @@ def test_gate_up_loaded_into_one_storage(checkpoints, arch, scheme):
     with torch.no_grad():
         assert _rel(fused(ids).logits, plain(ids).logits) < 1e-3
         assert _rel(fused(ids[:, :1]).logits, plain(ids[:, :1]).logits) < 1e-3  # decode-size input
+
+
+def test_cli_fuses_gate_up_unless_told_not_to(checkpoints):
+    import json
+    import subprocess
+    import sys
+
+    path, _ = checkpoints("llama")
+
+    def fused(*flags):
+        out = subprocess.run([sys.executable, "-m", "fp8stream", "load", str(path), "--device", "cpu", "--json", *flags],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)["gate_up_fused"]
+
+    assert fused() == 2 and fused("--no-fuse-gate-up") == 0

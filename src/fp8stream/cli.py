@@ -29,6 +29,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor parallel over N processes (launch with torchrun --nproc-per-node N; N = world size)")
     p.add_argument("--ep", action="store_true", help="MoE experts expert-parallel over the torchrun processes (each holds E/N)")
+    p.add_argument("--no-fuse-gate-up", dest="fuse_gate_up", action="store_false",
+                   help="keep gate_proj / up_proj as two GEMMs (default: one storage, one GEMM at prefill sizes)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +97,8 @@ def _load(args, progress: bool):
     return load(args.path, device=_default_device(args.device), scheme=args.scheme, load_format=args.load_format,
                 staging_mib=args.staging_mib, ignore=args.ignore, progress=progress,
                 read_threads=args.read_threads or DEFAULT_READ_THREADS, prefetch_buffers=args.prefetch_buffers,
-                timeline=args.timeline, tp=args.tp, ep=args.ep, keep_sensitive=args.keep_sensitive)
+                timeline=args.timeline, tp=args.tp, ep=args.ep, keep_sensitive=args.keep_sensitive,
+                fuse_gate_up=args.fuse_gate_up)
 
 
 def _init_parallel(args) -> int:
