@@ -258,3 +258,18 @@ def test_fused_weights_are_marked_static_as_dynamo_marks_them():
     torch._dynamo.mark_static_address(t)
     assert getattr(t, STATIC_ADDRESS_MARK) == "unguarded"
     assert all(getattr(x, STATIC_ADDRESS_MARK) == "unguarded" for x in mlp.fp8_gate_up)
+
+
+def test_fused_gated_mlp_keeps_two_projections_at_decode_sizes(monkeypatch):
+    """Decode sizes (<= GEMV_MAX_M rows) run gate and up as their own W8A16 GEMMs; above, one [2I, K] GEMM."""
+    import fp8stream.modules as M
+
+    mlp, _ = _fp8_mlp(_Canonical, "fp8_per_channel")
+    widths = []
+    real = M.fp8_linear
+    monkeypatch.setattr(M, "fp8_linear", lambda x, w, *a, **kw: widths.append(w.shape[0]) or real(x, w, *a, **kw))
+    mlp(torch.randn(kernels.GEMV_MAX_M, 64))
+    assert widths == [128, 128, 64]  # gate, up, down
+    widths.clear()
+    mlp(torch.randn(kernels.GEMV_MAX_M + 1, 64))
+    assert widths == [256, 64]  # gate|up, down

@@ -132,6 +132,24 @@ def _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED: tl.const
 
 
 @triton.jit
+def _store_tile(acc, rm, rn, row_end, N, e, as_ptr, stride_as_m, bs_ptr, stride_bs_e, stride_bs_n, bias_ptr, c_ptr,
+                stride_cm, ROW_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # The GEMMs' epilogue: rowwise scales (ROW_SCALES; block scales were applied per K step), bias, masked store of
+    # rows [.., row_end) and columns [.., N) of the tile.
+    mask_m = rm < row_end
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    if ROW_SCALES:
+        sa = tl.load(as_ptr + rm64 * stride_as_m, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptr + e * stride_bs_e + rn * stride_bs_n, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm64[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, tile_end_ptr,
                     M, N, K, E,
                     stride_am, stride_as_m, stride_as_k,
@@ -168,14 +186,8 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, e
             acc += tl.dot(a, b)
         a_ptrs += BK
         b_ptrs += BK * stride_bk
-    if not BLOCKWISE:
-        sa = tl.load(as_ptr + rm64 * stride_as_m, mask=mask_m, other=0.0)
-        sb = tl.load(bs_ptr + e * stride_bs_e + rn * stride_bs_n, mask=mask_n, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, rm, rn, row_end, N, e, as_ptr, stride_as_m, bs_ptr, stride_bs_e, stride_bs_n, bias_ptr, c_ptr,
+                stride_cm, not BLOCKWISE, HAS_BIAS)
 
 
 
@@ -273,15 +285,5 @@ def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_
         a = a_desc.load([m0, k0])
         b = b_desc.load([e * N + n0, k0])
         acc = tl.dot(a, b.T, acc)
-    rm = m0 + tl.arange(0, BM)
-    rn = n0 + tl.arange(0, BN)
-    mask_m = rm < row_end
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    sa = tl.load(as_ptr + rm64 * stride_as_m, mask=mask_m, other=0.0)
-    sb = tl.load(bs_ptr + e * stride_bs_e + rn * stride_bs_n, mask=mask_n, other=0.0)
-    acc = acc * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, m0 + tl.arange(0, BM), n0 + tl.arange(0, BN), row_end, N, e, as_ptr, stride_as_m, bs_ptr,
+                stride_bs_e, stride_bs_n, bias_ptr, c_ptr, stride_cm, True, HAS_BIAS)

@@ -428,13 +428,7 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
     if rows == 0:
         return out
     bm, bn, bk, warps, stages = config or _gemm_config(rows, e, n, _sm_count(a.device), blockwise)
-    if grouped:
-        tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
-        tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
-        grid_m = -(-rows // bm) + e
-    else:
-        tile_end = ends = starts = a_scale  # unused
-        grid_m = -(-rows // bm)
+    starts, ends, tile_end, grid_m = _row_tiles(starts, ends, rows, e, bm, grouped, a_scale)
     if blockwise:
         sa_m, sa_k = a_scale.stride(0), a_scale.stride(1)
         sb = b_scale if grouped else b_scale.unsqueeze(0)
@@ -452,6 +446,16 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
         GROUPED=grouped, BLOCKWISE=blockwise, HAS_BIAS=bias is not None,
         BM=bm, BN=bn, BK=bk, E_P2=_pow2(e), num_warps=warps, num_stages=stages)
     return out
+
+
+def _row_tiles(starts, ends, rows: int, e: int, bm: int, grouped: bool, unused: torch.Tensor):
+    """(starts, ends, tile_end, grid rows) for the GEMM kernels' row tiles: grouped, tile_end is the inclusive cumsum of
+    each group's ceil(rows / bm) (on the device, no sync) and the grid an upper bound (+1 tile per group); dense, the
+    group tensors are unused placeholders."""
+    if not grouped:
+        return unused, unused, unused, -(-rows // bm)
+    tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
+    return starts, ends, torch.cumsum(tiles, 0, dtype=torch.int32), -(-rows // bm) + e
 
 
 # Grouped rowwise GEMMs of prefill size (groups average > 64 rows) on Hopper: the TMA kernel with 128 x 256 x 128
@@ -477,13 +481,7 @@ def _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype,
     bm, bn, bk, warps, stages = config
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
     b_desc = TensorDescriptor.from_tensor(b.reshape(e * n, k), [bn, bk])
-    if grouped:
-        tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
-        tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
-        grid_m = -(-rows // bm) + e
-    else:
-        tile_end = ends = starts = a_scale
-        grid_m = -(-rows // bm)
+    starts, ends, tile_end, grid_m = _row_tiles(starts, ends, rows, e, bm, grouped, a_scale)
     sb = b_scale if grouped else b_scale.unsqueeze(0)
     tk.fp8_gemm_tma_kernel[(grid_m, -(-n // bn))](
         a_desc, a_scale, b_desc, sb, out, bias if bias is not None else out, starts, ends, tile_end,
