@@ -212,8 +212,10 @@ def run_linear(spec: dict, out: Path) -> None:
                             def bare():
                                 if dev.type == "cpu":  # smoke test: the reference GEMM
                                     return (qx.float() * sxv) @ (q.float() * sw.t()).t()
-                                return torch._scaled_mm(qx, q.t(), scale_a=sxv, scale_b=sw, out_dtype=torch.bfloat16)
-                            rec["bare_gemm"] = "torch._scaled_mm rowwise"
+                                return torch._scaled_mm(qx, q.t(), scale_a=sxv, scale_b=sw, out_dtype=torch.bfloat16,
+                                                        use_fast_accum=K.FAST_ACCUM)
+                            # the floor runs the GEMM exactly as the module does (accumulation included)
+                            rec["bare_gemm"] = f"torch._scaled_mm rowwise, use_fast_accum={K.FAST_ACCUM}"
                             rec["quant_us"] = _time_loop(lambda: K._act_quant(x, mode, c))
                             if c.triton_gemm:  # the Triton rowwise GEMM on the same inputs (FP8STREAM_TRITON_MAX_M)
                                 def tri():

@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def category(name: str) -> str:
     return "other elementwise/reduction"
 
 
-def worker(model_name: str, variant: str, mode: str, layers: int, b: int, t: int, reps: int) -> dict:
+def worker(model_name: str, variant: str, mode: str, layers: int, b: int, t: int, reps: int,
+           cpu_top: int = 0) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -63,6 +65,17 @@ def worker(model_name: str, variant: str, mode: str, layers: int, b: int, t: int
         end.record()
         torch.cuda.synchronize()
         wall_ms = start.elapsed_time(end) / reps
+        # host time to issue one forward (no sync inside): close to wall_ms means the GPU waits for the CPU
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        host_ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        if cpu_top:
+            with profile(activities=[ProfilerActivity.CPU]) as cprof:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                torch.cuda.synchronize()
+            cpu = sorted(((ev.key, ev.self_cpu_time_total / 1e3 / layers, ev.count / layers)
+                          for ev in cprof.key_averages()), key=lambda r: -r[1])[:cpu_top]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -78,7 +91,10 @@ def worker(model_name: str, variant: str, mode: str, layers: int, b: int, t: int
         cats[category(name)] += ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:25]
     return dict(model=model_name, variant=variant, mode=mode, layers=layers, tokens=b * t,
-                wall_ms_per_layer=round(wall_ms / layers, 3), tok_s=round(b * t / wall_ms * 1e3),
+                wall_ms_per_layer=round(wall_ms / layers, 3), host_ms_per_layer=round(host_ms / layers, 3),
+                tok_s=round(b * t / wall_ms * 1e3),
+                **({"cpu_self_ms_per_layer": [dict(op=k[:120], ms=round(v, 4), calls=c) for k, v, c in cpu]}
+                   if cpu_top else {}),
                 kernel_ms_per_layer=round(sum(cats.values()), 3),
                 categories={k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
                 top=[dict(name=n[:160], ms_per_layer=round(v[0], 4), calls_per_layer=v[1] / reps / layers,
@@ -94,12 +110,13 @@ def main() -> int:
     ap.add_argument("--shape", default="1x4096")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="directory for results.jsonl / results.md")
+    ap.add_argument("--cpu-top", type=int, default=0, help="also profile the host: this many ops by self CPU time")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     b, t = (int(v) for v in args.shape.split("x"))
     if args.worker:
         m, v, mode = args.worker.split(":")
-        print("RESULT " + json.dumps(worker(m, v, mode, args.layers, b, t, args.reps)), flush=True)
+        print("RESULT " + json.dumps(worker(m, v, mode, args.layers, b, t, args.reps, args.cpu_top)), flush=True)
         return 0
     out = Path(args.out) if args.out else None
     if out:
@@ -109,7 +126,7 @@ def main() -> int:
         for mode in args.modes.split(","):
             for v in args.variants.split(","):
                 p = subprocess.run([sys.executable, __file__, "--worker", f"{m}:{v}:{mode}", "--layers", str(args.layers),
-                                    "--shape", args.shape, "--reps", str(args.reps)], capture_output=True, text=True)
+                                    "--shape", args.shape, "--reps", str(args.reps), "--cpu-top", str(args.cpu_top)], capture_output=True, text=True)
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                 row = json.loads(line[-1][7:]) if line else dict(model=m, variant=v, mode=mode, error=p.stderr[-800:])
                 print(json.dumps(row), flush=True)
@@ -118,13 +135,15 @@ def main() -> int:
                     with open(out / "results.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
     cats = sorted({c for r in rows for c in r.get("categories", {})})
-    md = [f"prefill {args.shape}, ms per decoder layer (kernel time; wall = CUDA events over the whole forward / layers)", "",
-          "| model | mode | variant | wall | kernels | " + " | ".join(cats) + " |", "|---" * (5 + len(cats)) + "|"]
+    md = [f"prefill {args.shape}, ms per decoder layer (kernel time; wall = CUDA events over the whole forward / layers; "
+          "host = time to issue one forward / layers)", "",
+          "| model | mode | variant | wall | host | kernels | " + " | ".join(cats) + " |", "|---" * (6 + len(cats)) + "|"]
     for r in rows:
         if "error" in r:
-            md.append(f"| {r['model']} | {r['mode']} | {r['variant']} | error | | " + " | ".join("" for _ in cats) + " |")
+            md.append(f"| {r['model']} | {r['mode']} | {r['variant']} | error | | | " + " | ".join("" for _ in cats) + " |")
             continue
-        md.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['wall_ms_per_layer']:.3f} | {r['kernel_ms_per_layer']:.3f} | "
+        md.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['wall_ms_per_layer']:.3f} | {r.get('host_ms_per_layer', 0):.3f} | "
+                  f"{r['kernel_ms_per_layer']:.3f} | "
                   + " | ".join(f"{r['categories'].get(c, 0):.3f}" for c in cats) + " |")
     text = "\n".join(md)
     print(text)

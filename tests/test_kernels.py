@@ -178,6 +178,26 @@ def test_caps_are_a_compile_time_constant_without_importing_dynamo():
     assert getattr(K._caps_tuple, K._CONSTANT_MARK) is True
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_linear_passes_the_accumulation_choice_to_scaled_mm(fast, monkeypatch):
+    """FP8STREAM_FAST_ACCUM (K.FAST_ACCUM) reaches the cuBLAS GEMM of both rowwise schemes; the call is
+    recorded, not run (CPU), and the result is the recorded call's."""
+    calls = []
+
+    def fake_scaled_mm(a, b, *, scale_a, scale_b, bias=None, out_dtype, use_fast_accum=False):
+        calls.append(use_fast_accum)
+        return (a.float() * scale_a) @ (b.float() * scale_b)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    monkeypatch.setattr(K, "FAST_ACCUM", fast)
+    for scheme in ("fp8_per_channel", "fp8_per_tensor"):
+        q, s = _quantize_weight(torch.randn(32, 64), scheme)
+        x = torch.randn(40, 64, dtype=torch.bfloat16)
+        y = K.linear_fast(x, q, s, None, scheme, K.Caps(scaled_mm=True))
+        assert y is not None and _rel(y, _ref_linear64(x, q, s, None, scheme)) < 1e-2
+    assert calls == [fast, fast]
+
+
 def test_group_bounds_with_empty_groups():
     ids = torch.tensor([0, 0, 2, 2, 2, 5])
     starts, ends = K._group_bounds(ids, 7)
@@ -546,6 +566,32 @@ def test_cuda_linear_fp32_and_fp16_activations():
             y = fp8_linear(x, qq, ss, bias, scheme)
             assert y.dtype == dtype
             assert _rel(y, K.reference_linear(x, qq, ss, bias, scheme)) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_cuda_fast_accumulation_error_is_small(k, monkeypatch):
+    """Fast accumulation (the default) adds far less error than the FP8 rounding of the inputs: against the
+    float64 product of the same FP8 codes it adds a few 1e-3 at most (fp32 promotion: the bf16 output rounding),
+    and against the float64 product of the unquantized inputs the two are equally good."""
+    m, n = 512, 1024
+    w = torch.randn(n, k) * (1 + 3 * torch.rand(n, 1))
+    q, s = (t.cuda() for t in _quantize_weight(w, "fp8_per_channel"))
+    x = (torch.randn(m, k, device="cuda") * (1 + 5 * torch.rand(1, k, device="cuda"))).to(torch.bfloat16)
+    c = K.caps(torch.device("cuda"))
+    qx, sx = K._quant_torch(x, "row")
+    exact_codes = (qx.double() * sx.double().view(-1, 1)) @ (q.double() * s.double().view(-1, 1)).t()
+    exact = x.double() @ w.cuda().double().t()
+    errs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(K, "FAST_ACCUM", fast)
+        y = K.linear_fast(x, q, s, None, "fp8_per_channel", c._replace(triton_quant=False))
+        errs[fast] = (_rel(y, exact_codes), _rel(y, exact))
+    print(k, errs)
+    assert errs[False][0] < 2e-3, errs  # fp32 promotion: the bf16 output rounding (~1.1e-3) and little else
+    assert errs[True][0] < 6e-3, errs  # fast accumulation: H100, 2.2e-3 at K = 4096, 3.4e-3 at K = 14336 ...
+    assert errs[False][1] > 0.01, errs  # ... while the FP8 rounding of the inputs costs a few %
+    assert errs[True][1] <= 1.03 * errs[False][1], errs
 
 
 def _as_close_as_reference(out, ref, ref64, name):

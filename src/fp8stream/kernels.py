@@ -11,7 +11,7 @@ only faster:
                            MoE: gather + act(gate)*up fused in;   token silu(gate)*up and gathered
                            fused gate|up MLPs: silu(gate)*up)     MoE rows: the Triton kernel as a
                                                                   custom op (one pass)
-  fp8_per_channel/tensor   torch._scaled_mm rowwise, bias and bf16 output in the GEMM                  dequantize + matmul
+  fp8_per_channel/tensor   torch._scaled_mm rowwise, bias and bf16 output in the GEMM, fast accumulation  dequantize + matmul
   fp8_per_block Linear     F.scaled_mm BlockWise1x128 x BlockWise128x128 when this torch/GPU accepts
                            it (self-test once per device), else the Triton blockwise GEMM             dequantize + matmul
   MoE per-channel/tensor   sort by expert, the Triton grouped GEMM for gate_up and down (TMA loads on Hopper
@@ -77,6 +77,13 @@ MOE_GEMV_MAX_T = min(GEMV_MAX_M, int(os.environ.get("FP8STREAM_MOE_GEMV_MAX_T", 
 # row held in registers (16 warps for 8192-16384): x is read once instead of twice (the second time mostly from L2;
 # H100: -15 % kernel time on 14336-wide rows, none on 4096-wide ones). 0: always the two-pass loop.
 QUANT_ONE_PASS_MAX_K = int(os.environ.get("FP8STREAM_QUANT_ONE_PASS_MAX_K", "16384") or 0)
+# cuBLAS FP8 GEMMs (torch._scaled_mm, torch._scaled_grouped_mm) accumulate in the tensor cores' own accumulator
+# instead of promoting partial sums to fp32 every few k-steps: 10-19 % faster at 4096 rows on the H100 (Llama-8B
+# and Qwen1.5-MoE shapes, bench/results/h100-2026-11-27/gemm_ab.json), as vLLM's and torchao's FP8 inference GEMMs
+# do; Triton's fp8 tl.dot already accumulates this way on sm_90 (its default max_num_imprecise_acc), so every fast
+# path now does the same. The extra error is far below the FP8 rounding of the inputs
+# (test_cuda_fast_accumulation_error_is_small). FP8STREAM_FAST_ACCUM=0: promote to fp32 (cuBLAS's default).
+FAST_ACCUM = os.environ.get("FP8STREAM_FAST_ACCUM", "1") != "0"
 PROBE_LOG: dict[int, dict[str, str]] = {}  # device index -> what each probe said (for reports / debugging)
 _TK = None
 
@@ -127,7 +134,8 @@ def _probe(index: int) -> Caps:
         qw, sw = quantize_activation(w, "fp8_per_channel")
         x = rnd(3, 128)
         qx, sx = quantize_activation(x, "fp8_per_channel")
-        y = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(qx, qw.t(), scale_a=sx, scale_b=sw.view(1, -1), out_dtype=torch.bfloat16,
+                             use_fast_accum=FAST_ACCUM)
         return _rel_err(y, _ref_mm(qx, sx, qw, sw.view(-1), "fp8_per_channel"))
 
     scaled_mm = cap >= (8, 9) and hasattr(torch, "_scaled_mm") and attempt("scaled_mm rowwise", rowwise)
@@ -142,7 +150,7 @@ def _probe(index: int) -> Caps:
         x = rnd(sum(counts), k)
         qx, sx = quantize_activation(x, "fp8_per_channel")
         y = torch._scaled_grouped_mm(qx, qw.transpose(-2, -1), scale_a=sx.view(-1), scale_b=sw, offs=ends,
-                                     out_dtype=torch.bfloat16)
+                                     out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)
         ref, start = [], 0
         for i, c in enumerate(counts):
             ref.append(_ref_mm(qx[start:start + c], sx[start:start + c], qw[i], sw[i], "fp8_per_channel"))
@@ -760,7 +768,7 @@ def linear_fast(x2, weight, weight_scale, bias, scheme: str, c: Caps, decode_rul
     # Rowwise-scaled FP8 GEMM only produces bf16; other model dtypes are cast afterwards.
     fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
     y = torch._scaled_mm(qx, weight.t(), scale_a=sx.view(-1, 1), scale_b=weight_scale.view(1, n), bias=fused_bias,
-                         out_dtype=torch.bfloat16)
+                         out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)
     if bias is not None and fused_bias is None:
         y = y + bias
     return y if x2.dtype == torch.bfloat16 else y.to(x2.dtype)
@@ -906,7 +914,7 @@ def _grouped(q, s, w, ws, starts, ends, blockwise: bool, c: Caps, out_dtype):
     # 13 of 14 Qwen MoE expert GEMMs from 16 to 16384 tokens, up to 2.4x (bench/sweep_grouped.py)
     if not blockwise and c.grouped and not c.triton_gemm:
         return torch._scaled_grouped_mm(q, w.transpose(-2, -1), scale_a=s.reshape(-1), scale_b=ws, offs=ends,
-                                        out_dtype=out_dtype)
+                                        out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     return grouped_gemm(q, s, w, ws, starts, ends, blockwise, out_dtype)
 
 
