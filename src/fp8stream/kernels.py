@@ -501,15 +501,34 @@ def _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype,
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# fp8stream's operators for torch.compile (opaque to inductor, no graph break), defined with torch.library.Library
+# rather than torch.library.custom_op: a custom_op call passes through Python autograd and aliasing-check layers that
+# cost ~25-40 µs of host time per call on the H100 machines, and a compiled MoE prefill there is host-bound (five such
+# calls per Qwen1.5-MoE layer; bench/profile_prefill.py's host column). Forward only (inference): no autograd formula.
+_LIB = torch.library.Library("fp8stream", "DEF")
 
-@torch.library.custom_op("fp8stream::fp8_gemm", mutates_args=())
+
+def _op(name: str):
+    def define(fn):
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(name, fn, key)
+        return getattr(torch.ops.fp8stream, name).default
+    return define
+
+
+def _fake(name: str):
+    return torch.library.register_fake(f"fp8stream::{name}", lib=_LIB)
+
+
+@_op("fp8_gemm")
 def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                  bias: torch.Tensor | None, starts: torch.Tensor, ends: torch.Tensor, blockwise: bool,
                  out_dtype: str) -> torch.Tensor:
     return _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise, _DTYPES[out_dtype])
 
 
-@_fp8_gemm_op.register_fake
+@_fake("fp8_gemm")
 def _(a, a_scale, b, b_scale, bias, starts, ends, blockwise, out_dtype):
     return a.new_empty(a.shape[0], b.shape[-2], dtype=_DTYPES[out_dtype])
 
@@ -602,13 +621,13 @@ def _launch_pairs(x, expert_ids, rows_per_x: int, routing_weight, w, w_scale, sc
     return out
 
 
-@torch.library.custom_op("fp8stream::fp8_moe_gemv", mutates_args=())
+@_op("fp8_moe_gemv")
 def _fp8_moe_gemv_op(x: torch.Tensor, expert_ids: torch.Tensor, rows_per_x: int, routing_weight: torch.Tensor | None,
                      w: torch.Tensor, w_scale: torch.Tensor, scheme: str, act: bool, out_dtype: str) -> torch.Tensor:
     return _launch_pairs(x, expert_ids, rows_per_x, routing_weight, w, w_scale, scheme, act, _DTYPES[out_dtype])
 
 
-@_fp8_moe_gemv_op.register_fake
+@_fake("fp8_moe_gemv")
 def _(x, expert_ids, rows_per_x, routing_weight, w, w_scale, scheme, act, out_dtype):
     return x.new_empty(expert_ids.shape[0], w.shape[1], dtype=_DTYPES[out_dtype])
 
@@ -630,13 +649,13 @@ def _gemv_any(x, w, w_scale, bias, scheme: str) -> torch.Tensor:
     return _launch_gemv(x, w, w_scale, bias, scheme)
 
 
-@torch.library.custom_op("fp8stream::fp8_gemv", mutates_args=())
+@_op("fp8_gemv")
 def _fp8_gemv_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  scheme: str) -> torch.Tensor:
     return _gemv_any(x, w, w_scale, bias, scheme)
 
 
-@_fp8_gemv_op.register_fake
+@_fake("fp8_gemv")
 def _(x, w, w_scale, bias, scheme):
     return x.new_empty(x.shape[0], w.shape[0])
 
@@ -692,12 +711,12 @@ def _w8a16(x2, weight, weight_scale, bias, scheme) -> torch.Tensor:
     return y + bias.float() if bias is not None else y
 
 
-@torch.library.custom_op("fp8stream::quant_rows", mutates_args=())
+@_op("quant_rows")
 def _quant_rows_op(x: torch.Tensor, idx: torch.Tensor | None, act: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return quant_triton(x, "row", idx=idx, act=act)
 
 
-@_quant_rows_op.register_fake
+@_fake("quant_rows")
 def _(x, idx, act):
     m, k = (idx.shape[0] if idx is not None else x.shape[0]), (x.shape[1] // 2 if act else x.shape[1])
     return x.new_empty(m, k, dtype=FP8_DTYPE), x.new_empty(m, dtype=torch.float32)
