@@ -79,9 +79,9 @@ MOE_GEMV_MAX_T = min(GEMV_MAX_M, int(os.environ.get("FP8STREAM_MOE_GEMV_MAX_T", 
 QUANT_ONE_PASS_MAX_K = int(os.environ.get("FP8STREAM_QUANT_ONE_PASS_MAX_K", "16384") or 0)
 # cuBLAS FP8 GEMMs (torch._scaled_mm, torch._scaled_grouped_mm) accumulate in the tensor cores' own accumulator
 # instead of promoting partial sums to fp32 every few k-steps: 10-19 % faster at 4096 rows on the H100 (Llama-8B
-# and Qwen1.5-MoE shapes, bench/results/h100-2026-11-27/gemm_ab.json), as vLLM's and torchao's FP8 inference GEMMs
-# do; Triton's fp8 tl.dot already accumulates this way on sm_90 (its default max_num_imprecise_acc), so every fast
-# path now does the same. The extra error is far below the FP8 rounding of the inputs
+# and Qwen1.5-MoE shapes, bench/results/h100-2026-11-27/gemm_ab.json), as FP8 inference GEMMs commonly do (CUTLASS's
+# FP8FastAccum kernel schedules); Triton's fp8 tl.dot already accumulates this way on sm_90 (its default
+# max_num_imprecise_acc), so every fast path now does the same. The extra error is far below the FP8 rounding of the inputs
 # (test_cuda_fast_accumulation_error_is_small). FP8STREAM_FAST_ACCUM=0: promote to fp32 (cuBLAS's default).
 FAST_ACCUM = os.environ.get("FP8STREAM_FAST_ACCUM", "1") != "0"
 PROBE_LOG: dict[int, dict[str, str]] = {}  # device index -> what each probe said (for reports / debugging)
