@@ -126,7 +126,8 @@ def main() -> int:
         for mode in args.modes.split(","):
             for v in args.variants.split(","):
                 p = subprocess.run([sys.executable, __file__, "--worker", f"{m}:{v}:{mode}", "--layers", str(args.layers),
-                                    "--shape", args.shape, "--reps", str(args.reps), "--cpu-top", str(args.cpu_top)], capture_output=True, text=True)
+                                    "--shape", args.shape, "--reps", str(args.reps), "--cpu-top", str(args.cpu_top)],
+                                   capture_output=True, text=True)
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                 row = json.loads(line[-1][7:]) if line else dict(model=m, variant=v, mode=mode, error=p.stderr[-800:])
                 print(json.dumps(row), flush=True)
