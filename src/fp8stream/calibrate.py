@@ -594,9 +594,9 @@ def calibrate_checkpoint(ckpt, config, scheme: str, fp8_modules: set[str], ids: 
         done.plain_expert_weights += 2 * new.num_experts - len(chosen)
         return new
 
-    from tqdm import tqdm
+    from .report import progress_bar
 
-    bar = tqdm(total=len(layers), desc="fp8stream calibrate", unit="layer", leave=False) if progress else None
+    bar = progress_bar(total=len(layers), desc="fp8stream calibrate", unit="layer", leave=False) if progress else None
     try:
         calibrate_decoder(layers, inputs, targets_of, quantize, enter, leave, quantize_experts)
     finally:

@@ -300,13 +300,24 @@ class Checkpoint:
         self.read_into([(key, start, stop if info.shape else 1, out)])
         return out.view(info.dtype).reshape((rows, *info.flat_shape[1:]) if info.shape else ())
 
+    def cancel_pending(self) -> None:
+        """Drop the reads queued and not yet started (their done() gets ReadCancelled): after an error or
+        Ctrl-C nobody waits for them, and close() then returns as soon as the reads in progress end."""
+        if self._pool is not None:
+            self._pool.cancel()
+
     def close(self) -> None:
         if self._pool is not None:
+            self._pool.cancel()
             self._pool.shutdown()
             self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class ReadCancelled(Exception):
+    """A queued read dropped by Checkpoint.cancel_pending (never surfaces: nobody waits for it any more)."""
 
 
 class _ReaderPool:
@@ -332,6 +343,18 @@ class _ReaderPool:
                 done(e)
             else:
                 done(None)
+
+    def cancel(self) -> None:
+        """Take every queued job off the queue unrun, telling its done() so."""
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:  # a shutdown sentinel (not ours to drop)
+                self._jobs.put(None)
+                return
+            item[1](ReadCancelled("read cancelled"))
 
     def shutdown(self) -> None:
         """Finish the queued jobs, then stop every thread."""

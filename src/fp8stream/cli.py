@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 from .calibrate import CALIB_CONTEXT, CALIB_TOKENS
 from .quantize import SCHEMES
@@ -102,18 +103,22 @@ def _load(args, progress: bool):
 
 
 def _init_parallel(args) -> int:
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). Returns this process's rank."""
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU) and start watching for a failed peer.
+    Returns this process's rank."""
+    from . import procgroup
     from .errors import Fp8StreamError
-    from .parallel import init_from_env
 
-    if not init_from_env(args.device):
+    if not procgroup.join(args.device):
         if args.tp > 1 or args.ep:
             flags = f"--tp {args.tp}" if args.tp > 1 else "--ep"
             raise Fp8StreamError(f"{flags} needs one process per rank: launch with torchrun --nproc-per-node N -m fp8stream {args.command} ...")
         return 0
-    import torch.distributed as dist
+    me = procgroup.rank()
+    _watch.append(procgroup.PeerWatch(me))
+    return me
 
-    return dist.get_rank()
+
+_watch: list = []  # the PeerWatch of this process's group, if any (closed by main before the group is left)
 
 
 def _gather_reports(rep) -> list[dict]:
@@ -228,37 +233,54 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
-    if not args.debug:
-        logging.getLogger("fp8stream").setLevel(logging.WARNING)
-        import transformers
+    try:
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+        if not args.debug:
+            logging.getLogger("fp8stream").setLevel(logging.WARNING)
+            import transformers
 
-        transformers.logging.set_verbosity_error()
+            transformers.logging.set_verbosity_error()
+        return _run(args)
+    except KeyboardInterrupt:  # the loader and export have already closed their threads and removed partial files
+        print("fp8stream: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        return _fail(args, e)
+    finally:
+        from . import procgroup
+
+        while _watch:
+            _watch.pop().close()
+        procgroup.leave()
+        procgroup.release_report()  # main() may run again in this process (tests, notebooks)
+
+
+def _fail(args, e: Exception) -> int:
+    """One line on stderr for any error (a traceback only with --debug); under torchrun it names this rank, and
+    a rank that fails first tells the others why (procgroup)."""
+    from . import procgroup
     from .errors import Fp8StreamError
 
-    try:
-        return _run(args)
-    except Fp8StreamError as e:
-        if getattr(args, "tp", 1) > 1 or getattr(args, "ep", False):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                e = Fp8StreamError(f"rank {dist.get_rank()}: {e}")
-        if args.debug:
-            raise
-        print(f"fp8stream: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        _leave_group()
-
-
-def _leave_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if args.debug:
+        raise e
+    me = procgroup.rank()
+    peer = procgroup.peer_failure(me) if me is not None else None
+    if peer is not None:  # this rank stopped because another failed (its collective broke, or SIGTERM came)
+        message = f"stopped because {peer}"
+    elif isinstance(e, Fp8StreamError):
+        message = str(e)
+    else:
+        first = (str(e).strip().splitlines() or [""])[0]
+        message = f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback"
+    if me is not None:
+        message = f"rank {me}: {message}"
+        if peer is None:
+            procgroup.publish_failure(message)
+    if procgroup.claim_report():
+        print(f"fp8stream: error: {message}", file=sys.stderr, flush=True)
+    else:  # the peer watch printed this rank's line and is ending the process (os._exit); the wait is a bound only
+        threading.Event().wait(30)
+    return 2
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import build_meta_model, build_plan
 from .modules import replace_with_fp8
 from .quantize import BLOCK, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
+from .report import progress_bar
 
 FORMATS = ("compressed-tensors", "fp8")
 # Files copied next to the weights (tokenizer, generation defaults, chat template).
@@ -398,9 +399,7 @@ def export(
         weight_map, total = {}, 0
         where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> (output file, byte offset, shape)
         scale_where: dict[str, tuple[Path, int, tuple]] = {}  # fp8 weight key -> where its scales are
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(v) for v in shards.values()), desc="fp8stream export", unit="tensor", disable=not progress, leave=False)
+        bar = progress_bar(total=sum(len(v) for v in shards.values()), desc="fp8stream export", unit="tensor", disable=not progress, leave=False)
         for file, entries in shards.items():
             path = out / file.name
             written.append(path)

@@ -33,7 +33,7 @@ from .pipeline import Prefetcher, Request, read_now, row_bytes
 from .modules import (SENSITIVE_RULE, FP8Experts, FP8Linear, fuse_gate_up, gate_up_storage, gated_mlps, halves,
                       replace_with_fp8, sensitive_modules)
 from .quantize import BLOCK, FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
-from .report import LoadReport
+from .report import LoadReport, progress_bar
 
 log = logging.getLogger("fp8stream")
 
@@ -843,9 +843,7 @@ def load(
             warmup.join()  # before the ledger starts: its tiny tensors are no part of the load's peak
         sampler = Sampler(dev, src, interval_s=0.005)
         ledger.start(sampler)
-        from tqdm import tqdm
-
-        bar = tqdm(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
+        bar = progress_bar(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False)
         checks = []  # (device flag: all finite, raises the one-line error naming the tensor)
         with torch.no_grad():
             for t, chunks in bar:

@@ -321,18 +321,3 @@ def current_group(tp: int, ep: bool) -> Group | None:
         raise Fp8StreamError(f"tp={tp} but the process group has {world} ranks (tp must equal the world size)")
     local = int(os.environ.get("LOCAL_RANK", rank))
     return Group(rank, world, local)
-
-
-def init_from_env(device: str | None) -> bool:
-    """Under torchrun (WORLD_SIZE > 1): initialise the default process group (NCCL for CUDA, else gloo)
-    and pin this process to cuda:LOCAL_RANK. Returns whether this process is part of a group."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
-        return False
-    if not dist.is_initialized():
-        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return True

@@ -176,6 +176,7 @@ class Prefetcher:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
+        self.ckpt.cancel_pending()  # after an error or Ctrl-C: the reads not started yet are not waited for
         with self._cond:
             while self._in_flight:
                 self._cond.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -48,3 +49,18 @@ class LoadReport:
             f"bound final + {self.staging_bytes / 2**20:.0f} MiB), {self.quantized_tensors} tensors quantized, "
             f"{self.kept_tensors} kept, {self.load_seconds:.2f} s"
         )
+
+
+@functools.cache
+def _bar_class():
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        monitor_interval = 0  # tqdm's monitor: a daemon thread started by the first bar, even a disabled one, that lives on
+
+    return Bar
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar that starts no thread (no thread of fp8stream's outlives a load)."""
+    return _bar_class()(iterable, **kwargs)

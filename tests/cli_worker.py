@@ -1,0 +1,62 @@
+"""fp8stream's CLI in this process, with test-only faults, then a report of the threads left (test_lifecycle.py).
+
+argv: the CLI's arguments; "{rank}" in them becomes this process's RANK (one rank can be given a bad checkpoint).
+Environment (all optional):
+  FP8STREAM_TEST_SLOW_READ_S   seconds every positional read sleeps first (a slow disk, to interrupt a load)
+  FP8STREAM_TEST_FAIL_RANK     the rank whose row quantization raises RuntimeError("injected fault")
+stderr gets "cli_worker: reading" when the first read starts, and last "cli_worker: threads {json}".
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+
+def _faults() -> None:
+    import fp8stream.checkpoint as checkpoint
+    import fp8stream.loader as loader
+
+    slow = float(os.environ.get("FP8STREAM_TEST_SLOW_READ_S", "0"))
+    pread, said = checkpoint.Checkpoint._pread, []
+
+    def slow_pread(self, info, offset, view):
+        if not said:
+            said.append(True)
+            print("cli_worker: reading", file=sys.stderr, flush=True)
+        time.sleep(slow)
+        pread(self, info, offset, view)
+
+    checkpoint.Checkpoint._pread = slow_pread
+    if os.environ.get("FP8STREAM_TEST_FAIL_RANK") == os.environ.get("RANK", "0"):
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected fault")
+
+        loader.quantize_rows_into = broken
+
+
+def _threads() -> dict:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # a thread that ended while we looked
+            pass
+    return {"python": sorted(t.name for t in threading.enumerate()), "os": len(names), "os_names": sorted(names),
+            "fds": len(os.listdir("/proc/self/fd"))}
+
+
+def main() -> int:
+    _faults()
+    from fp8stream.cli import main as cli_main
+
+    rank = os.environ.get("RANK", "0")
+    rc = cli_main([a.replace("{rank}", rank) for a in sys.argv[1:]])
+    print(f"cli_worker: threads {json.dumps(_threads())}", file=sys.stderr, flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
