@@ -1,4 +1,4 @@
-"""The loader thread's per-chunk device work alone, no reads: pinned buffer -> _Source._copy_in -> quantize_rows_into.
+"""The loader thread's per-chunk device work alone, no reads: pinned buffer -> Source._copy_in -> quantize_rows_into.
 
     PYTHONPATH=src python3 bench/chunk_cost.py ROWS WIDTH CHUNKS     # e.g. 1024 2048 300
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fp8stream import loader as L
+from fp8stream.source import Source
 from fp8stream.quantize import quantize_rows_into
 
 
@@ -30,7 +30,7 @@ def main(rows: int, width: int, chunks: int) -> None:
     w = torch.empty(chunks * rows, width, dtype=torch.float8_e4m3fn, device=dev)
     s = torch.empty(chunks * rows, device=dev)
     for rep in range(2):
-        src = L._Source(None, torch.bfloat16, dev)
+        src = Source(None, torch.bfloat16, dev)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(chunks):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from fp8stream.loader import _STAGE_BYTES_PER_ELEM  # noqa: E402
+from fp8stream.stream import _STAGE_BYTES_PER_ELEM  # noqa: E402
 from fp8stream.quantize import FP8_DTYPE, quantize_blocks, quantize_rows_into, tensor_amax  # noqa: E402
 
 

@@ -68,12 +68,14 @@ def _wrap_peak(name):
     setattr(L, name, wrapped)
 
 
+SRC = getattr(L, "Source", None) or getattr(L, "_Source")  # the chunk source (source.py; loader._Source before the split)
+
 # load()'s steps, in call order: wrapped where load() looks them up, so their timestamps land in EVENTS.
 # A step missing from an older loader tree (A/B runs) is skipped.
 PHASES = [(L, "_load_config"), (Checkpoint, "__init__"), (L, "build_meta_model"), (L, "build_plan"),
           (L, "replace_with_fp8"), (L, "_targets"), (L.MemoryLedger, "check_fits"), (L, "_quantized_chunks"),
-          (L, "_kept_chunks"), (L, "_schedule"), (L._Source, "start"), (P.Prefetcher, "_new_buffer"),
-          (getattr(L, "_KernelWarmup", None), "join"), (L.MemoryLedger, "start"), (L._Source, "close"),
+          (L, "_kept_chunks"), (L, "_schedule"), (SRC, "start"), (P.Prefetcher, "_new_buffer"),
+          (getattr(L, "_KernelWarmup", None), "join"), (L.MemoryLedger, "start"), (SRC, "close"),
           (Checkpoint, "close"), (L.MemoryLedger, "stop"), (L, "_attach_generation_config")]
 
 
@@ -84,7 +86,7 @@ def _phase_name(owner, name) -> str:
 def instrument() -> None:
     _wrap(Checkpoint, "_pread", "read", lambda a: len(a[3]))
     _wrap(P.Prefetcher, "take", "take")
-    _wrap(L._Source, "_copy_in", "copy_in")
+    _wrap(SRC, "_copy_in", "copy_in")
     for owner, name in PHASES:
         if owner is not None and hasattr(owner, name):
             _wrap(owner, name, "phase:" + _phase_name(owner, name))

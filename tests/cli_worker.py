@@ -16,7 +16,7 @@ import time
 
 def _faults() -> None:
     import fp8stream.checkpoint as checkpoint
-    import fp8stream.loader as loader
+    import fp8stream.stream as stream
 
     slow = float(os.environ.get("FP8STREAM_TEST_SLOW_READ_S", "0"))
     pread, said = checkpoint.Checkpoint._pread, []
@@ -33,7 +33,7 @@ def _faults() -> None:
         def broken(*args, **kwargs):
             raise RuntimeError("injected fault")
 
-        loader.quantize_rows_into = broken
+        stream.quantize_rows_into = broken
 
 
 def _threads() -> dict:

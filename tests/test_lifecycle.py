@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import fp8stream
 from tiny_models import make_checkpoint
@@ -183,12 +182,12 @@ def test_twenty_loads_in_one_process_leak_nothing(ckpts):
 
 
 def test_internal_errors_are_one_line_without_debug(ckpts, capsys, monkeypatch):
-    from fp8stream import cli, loader
+    from fp8stream import cli, stream
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault\nsecond line")
 
-    monkeypatch.setattr(loader, "quantize_rows_into", broken)
+    monkeypatch.setattr(stream, "quantize_rows_into", broken)
     assert cli.main(["load", str(ckpts["moe"]), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fp8stream: error: internal error (RuntimeError: injected fault); rerun with --debug for the traceback"]

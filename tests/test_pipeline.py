@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import fp8stream
-from fp8stream import loader
+from fp8stream import loader, source
 from fp8stream.checkpoint import Checkpoint
 from fp8stream.errors import CheckpointError
 from fp8stream.pipeline import Prefetcher, Request
@@ -337,7 +337,7 @@ def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
     path, _ = make_checkpoint("qwen2_moe", tmp_path / "m", max_shard_size="100KB")
     plain = fp8stream.load(path, device="cpu", staging_mib=0.3, progress=False)
 
-    monkeypatch.setattr(loader._Source, "PREFETCH_DEVICES", ("cuda", "cpu"))  # the read-ahead pool, unpinned
+    monkeypatch.setattr(source.Source, "PREFETCH_DEVICES", ("cuda", "cpu"))  # the read-ahead pool, unpinned
     took = []
     real_take = Prefetcher.take
     monkeypatch.setattr(Prefetcher, "take", lambda self, i: took.append(i) or real_take(self, i))
@@ -353,7 +353,7 @@ def test_prefetch_path_gives_the_same_model(tmp_path, monkeypatch):
 def test_error_in_a_reader_thread_is_clean_and_stops_everything(tmp_path, monkeypatch):
     path, _ = make_checkpoint("llama", tmp_path / "m", max_shard_size="100KB")
 
-    monkeypatch.setattr(loader._Source, "PREFETCH_DEVICES", ("cuda", "cpu"))  # the read-ahead pool, unpinned
+    monkeypatch.setattr(source.Source, "PREFETCH_DEVICES", ("cuda", "cpu"))  # the read-ahead pool, unpinned
     real = Checkpoint._pread
 
     def failing(self, info, offset, view):
@@ -397,7 +397,7 @@ def test_chunk_requests_cover_exactly_the_planned_rows(tmp_path):
     plans = build_plan(build_meta_model(loader._load_config(path), torch.bfloat16), ckpt)
     plan = next(p for n, p in plans.items() if n.endswith("experts.gate_up_proj"))
     assert len(plan.pieces) == 16
-    src = loader._Source(ckpt, torch.bfloat16, torch.device("cpu"))
+    src = source.Source(ckpt, torch.bfloat16, torch.device("cpu"))
     rows = plan.shape[0] * plan.shape[1]
     rng = random.Random(0)
     for d0, d1 in [(0, rows), (0, 1), (rows - 1, rows)] + [sorted(rng.sample(range(rows + 1), 2)) for _ in range(200)]:

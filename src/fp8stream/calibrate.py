@@ -515,7 +515,7 @@ def calibrate_checkpoint(ckpt, config, scheme: str, fp8_modules: set[str], ids: 
     halves to its own keys). Expert projections routed too few calibration tokens keep their plain codes
     (EXPERT_TOKENS_PER_INPUT).
     """
-    from .loader import _Source
+    from .source import Source as _Source
     from .load_plan import build_meta_model, build_plan
 
     model = build_meta_model(config, dtype)

@@ -118,7 +118,7 @@ def _clear_checkpoint_files(out: Path) -> None:
 
 
 def _rows_per_chunk(width: int, src_itemsize: int, staging: int, align: int, name: str, scheme: str) -> int:
-    from .loader import _rows_per_chunk as rows_per_chunk, _stage_extra, _stage_kind  # the loader's chunking and budget
+    from .stream import _rows_per_chunk as rows_per_chunk, _stage_extra, _stage_kind  # the loader's chunking and budget
 
     return rows_per_chunk(width, src_itemsize, staging, align, name, _stage_extra(_stage_kind(scheme), src_itemsize, torch.device("cpu")))
 
