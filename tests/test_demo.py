@@ -23,7 +23,7 @@ import torch
 
 import fp8stream
 from fp8stream import demo
-from fp8stream.cli import generate_text
+from fp8stream.generation import generate_text
 from fp8stream.errors import Fp8StreamError
 
 TEXT = Path(__file__).parent / "data" / "english.txt"

@@ -414,7 +414,7 @@ def test_generate_compile_uses_the_static_cache_recipe():
     compiles the decode step itself on CUDA)."""
     from types import SimpleNamespace
 
-    from fp8stream.cli import generate_text
+    from fp8stream.generation import generate_text
 
     class Tok:
         chat_template, pad_token_id, eos_token_id = None, 0, 0

@@ -235,7 +235,7 @@ def run_demo(device: str, scheme: str = "fp8_per_channel", cache_dir: str | os.P
     """Convert (once), load SmolLM2-135M-Instruct in FP8 on `device`, print the memory report and one answer."""
     from transformers import AutoTokenizer
 
-    from .cli import generate_text
+    from .generation import generate_text
     from .loader import load
 
     ckpt = demo_checkpoint(cache_dir, verbose=True)
