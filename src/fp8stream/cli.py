@@ -32,6 +32,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", action="store_true", help="MoE experts expert-parallel over the torchrun processes (each holds E/N)")
     p.add_argument("--no-fuse-gate-up", dest="fuse_gate_up", action="store_false",
                    help="keep gate_proj / up_proj as two GEMMs (default: one storage, one GEMM at prefill sizes)")
+    p.add_argument("--allow-unquantized", action="store_true",
+                   help="load a model even when less than half its weights can be stored in FP8 (default: refuse)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,7 +101,7 @@ def _load(args, progress: bool):
                 staging_mib=args.staging_mib, ignore=args.ignore, progress=progress,
                 read_threads=args.read_threads or DEFAULT_READ_THREADS, prefetch_buffers=args.prefetch_buffers,
                 timeline=args.timeline, tp=args.tp, ep=args.ep, keep_sensitive=args.keep_sensitive,
-                fuse_gate_up=args.fuse_gate_up)
+                fuse_gate_up=args.fuse_gate_up, allow_unquantized=args.allow_unquantized)
 
 
 def _init_parallel(args) -> int:

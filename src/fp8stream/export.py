@@ -389,6 +389,10 @@ def export(
             raise
         except Exception as e:
             raise Fp8StreamError(f"--ignore: {e}") from None
+        conv1d = [n for n, m in model.named_modules() if getattr(m, "transposed_source", False)]
+        if conv1d:  # engines read these [in, out] weights with their own transposes; no FP8 layout for them is agreed
+            raise UnsupportedModelError(f"{src / 'config.json'}: export of Conv1D models ({config.model_type}: '{conv1d[0]}') is not supported; "
+                                        "use `fp8stream load` instead")
         role, kept_modules = _plan_export(model, plans, ckpt, scheme)
         shards = _shard_entries(ckpt, role, scheme, "weight_scale_inv" if format == "fp8" else "weight_scale")
 

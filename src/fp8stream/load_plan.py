@@ -48,6 +48,9 @@ class TargetPlan:
     cols: tuple[int, int] | None = None
     sharded: bool = False
     zeros: bool = False
+    # the checkpoint stores the parameter transposed (Conv1D [in, out] -> FP8Linear [out, in]): destination row r
+    # is column r of the source (one piece); `shape` stays the checkpoint's
+    transposed: bool = False
 
 
 @contextmanager

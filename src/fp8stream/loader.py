@@ -23,7 +23,7 @@ from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import TargetPlan, build_meta_model, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
-from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, gated_mlps, replace_with_fp8, sensitive_modules
+from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, coverage, gated_mlps, replace_with_fp8, sensitive_modules
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
 from .quantize import FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
 from .report import LoadReport
@@ -96,6 +96,30 @@ def _targets(model: nn.Module, plans: dict[str, TargetPlan] | None) -> list[_Tar
                 scale = None
             out.append(_Target(name, module, attr, scale, plans.get(name) if plans is not None else None))
     return out
+
+
+def _check_coverage(cov, model_type: str, cfg: Path, allow: bool) -> None:
+    """Refuse a model that would end mostly in full precision: the user asked for FP8."""
+    if not cov.unhandled:
+        return
+    what = "; ".join(f"{cls} ({len(names)} weight{'s' * (len(names) > 1)}, e.g. '{names[0]}')" for cls, names in cov.unhandled.items())
+    if cov.expected_fraction < 0.5 and not allow:
+        raise UnsupportedModelError(
+            f"{cfg}: model type '{model_type}': only {100 * cov.fraction:.0f}% of its weights can be stored in FP8; not handled: {what}. "
+            "Pass --allow-unquantized (allow_unquantized=True) to load it with the rest in full precision")
+    log.warning("model type '%s': %.0f%% of the weights in FP8; kept in full precision, not handled: %s", model_type, 100 * cov.fraction, what)
+
+
+def _mark_transposed(model: nn.Module, plans: dict[str, TargetPlan] | None) -> list[str]:
+    """The plans of FP8Linear weights that replace a Conv1D read the checkpoint's [in, out] tensor transposed."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FP8Linear) and m.transposed_source]
+    for n in names:
+        plan = plans.get(f"{n}.weight") if plans is not None else None
+        if plan is not None:
+            if len(plan.pieces) != 1 or len(plan.shape) != 2:
+                raise UnsupportedModelError(f"'{n}.weight': a Conv1D weight fused from several checkpoint tensors is not supported")
+            plan.transposed = True
+    return names
 
 
 def _fp8_sources(plan: TargetPlan | None, ckpt: Checkpoint | None) -> bool:
@@ -212,6 +236,7 @@ def load(
     ep: bool = False,
     keep_sensitive: bool = False,
     fuse_gate_up: bool = True,
+    allow_unquantized: bool = False,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
@@ -236,6 +261,11 @@ def load(
     the MLP runs them as one GEMM, with silu(gate) * up fused into the down projection's input quantization (decode
     sizes keep the two projections). The parameters keep their names and shapes (views); the report's
     `gate_up_fused` counts the MLPs. H100, Llama-8B prefill 1 x 4096 compiled: 1.42x -> 1.48x bf16.
+
+    A model of which less than half the weights that were not kept on purpose (`ignore`, routers, `keep_sensitive`)
+    can be stored in FP8 is refused (UnsupportedModelError naming the model type and the module classes fp8stream
+    cannot quantize) unless `allow_unquantized`; the report's `quantized_fraction` is the FP8 share of the >= 2-D
+    weights outside the embeddings, always.
     """
     if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
@@ -293,11 +323,19 @@ def load(
             if isinstance(e, Fp8StreamError):
                 raise
             raise Fp8StreamError(f"--ignore: {e}") from None
+        cov = coverage(model, ignore)
+        _check_coverage(cov, config.model_type, path / "config.json", allow_unquantized)
+        transposed = _mark_transposed(model, plans)
+        if transposed and pre is not None:
+            raise UnsupportedModelError(f"{path / 'config.json'}: pre-quantized FP8 checkpoints of Conv1D models ({config.model_type}) are not supported")
         layout = None
         if group is not None:
             if pre is not None:
                 raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
             tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+            if transposed:
+                raise UnsupportedModelError(f"{path / 'config.json'}: tensor parallel for Conv1D layers ({config.model_type}: '{transposed[0]}') "
+                                            "is not supported; load it on one device")
             layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
             shard_meta(model, layout)
             if plans is not None:
@@ -374,7 +412,7 @@ def load(
         quantized_modules=quantized, kept_modules=kept_modules, kept_sensitive=sensitive,
         kept_sensitive_rule=SENSITIVE_RULE if keep_sensitive else "", read_bytes=ckpt.bytes_read if ckpt is not None else 0,
         rank=group.rank if group else 0, world_size=group.world if group else 1, tp=tp, ep=layout.ep if layout else 1,
-        gate_up_fused=fused,
+        gate_up_fused=fused, quantized_fraction=cov.fraction,
     )
     if group is None:
         log.debug("Peak device memory while loading weights: %.2f GiB", report.peak_bytes / 2**30)

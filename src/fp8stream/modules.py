@@ -57,9 +57,12 @@ def fp8_linear(
 class FP8Linear(nn.Module):
     """Drop-in for nn.Linear holding an fp8 weight and its scales (created on the meta device, filled by the loader)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, dtype: torch.dtype, device="meta"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, dtype: torch.dtype, device="meta",
+                 transposed_source: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        # in place of a transformers Conv1D (GPT-2 family): the checkpoint stores this weight as [in, out]
+        self.transposed_source = transposed_source
         self.weight = _empty_param((out_features, in_features), FP8_DTYPE, device)
         self.weight_scale = _empty_param(_scale_shape(scheme, (), out_features, in_features), torch.float32, device)
         self.bias = _empty_param((out_features,), dtype, device) if bias else None
@@ -276,6 +279,13 @@ def _local_reference(module: FP8Experts, hidden_states, local_index, weights) ->
         module.expert_start = start
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, OpenAI GPT, ImageGPT...): a Linear whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) and tuple(module.weight.shape) == (module.nx, module.nf)
+
+
 def _is_fused_experts(module: nn.Module) -> bool:
     gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3
@@ -315,27 +325,30 @@ def sensitive_modules(model: nn.Module) -> list[str]:
 def replace_with_fp8(
     model: nn.Module, scheme: str, ignore: Iterable[str], dtype: torch.dtype
 ) -> tuple[list[str], list[str]]:
-    """Swap every covered nn.Linear / fused experts module of a meta-device model for its FP8 version.
+    """Swap every covered nn.Linear / transformers Conv1D / fused experts module of a meta-device model for its FP8
+    version (a Conv1D, weight stored [in, out], becomes an FP8Linear with `transposed_source`).
 
     A module is kept in full precision when a regex in `ignore` matches its name (re.search), or when
-    it is an nn.Linear whose in/out features are not multiples of 16 (the FP8 GEMM's constraint; such
+    it is a Linear / Conv1D whose in/out features are not multiples of 16 (the FP8 GEMM's constraint; such
     layers are tiny: routers, shared-expert gates). Returns (quantized module names, kept Linear names).
     """
     patterns = [re.compile(p) for p in ignore]
     quantized, kept = [], []
     for name, module in list(model.named_modules()):
         is_linear = isinstance(module, nn.Linear)
-        is_experts = not is_linear and _is_fused_experts(module)
-        if not (is_linear or is_experts):
+        conv1d = not is_linear and _is_conv1d(module)
+        is_experts = not (is_linear or conv1d) and _is_fused_experts(module)
+        if not (is_linear or conv1d or is_experts):
             continue
         if any(p.search(name) for p in patterns):
             kept.append(name)
             continue
-        if is_linear:
-            if module.in_features % 16 or module.out_features % 16:
+        if is_linear or conv1d:
+            n_in, n_out = (module.nx, module.nf) if conv1d else (module.in_features, module.out_features)
+            if n_in % 16 or n_out % 16:
                 kept.append(name)
                 continue
-            new = FP8Linear(module.in_features, module.out_features, module.bias is not None, scheme, dtype)
+            new = FP8Linear(n_in, n_out, module.bias is not None, scheme, dtype, transposed_source=conv1d)
         else:
             _check_standard_experts(name, module)
             new = FP8Experts(module, scheme)
@@ -343,3 +356,55 @@ def replace_with_fp8(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         quantized.append(name)
     return quantized, kept
+
+
+class Coverage(NamedTuple):
+    """How much of a model's weights an FP8 swap covers, in parameter elements (= bytes at the checkpoint dtype).
+
+    `eligible`: every >= 2-D parameter outside the input / output embeddings (what a user expects in FP8);
+    `deliberate`: the part kept on purpose (--ignore, routers, keep_sensitive, full-precision modules of a
+    pre-quantized checkpoint); `unhandled`: {module class: [parameter names]} of the rest that is not FP8."""
+
+    quantized: int
+    eligible: int
+    deliberate: int
+    unhandled: dict[str, list[str]]
+
+    @property
+    def fraction(self) -> float:
+        return self.quantized / self.eligible if self.eligible else 1.0
+
+    @property
+    def expected_fraction(self) -> float:
+        """The quantized share of what was not kept on purpose."""
+        expected = self.eligible - self.deliberate
+        return self.quantized / expected if expected > 0 else 1.0
+
+
+def coverage(model: nn.Module, deliberate: Iterable[str]) -> Coverage:
+    """After replace_with_fp8: the FP8 share of `model`'s weights; `deliberate` are the ignore regexes the user or the
+    defaults chose (a module they match counts as kept on purpose)."""
+    patterns = [re.compile(p) for p in deliberate]
+    skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    quantized = eligible = kept_on_purpose = 0
+    unhandled: dict[str, list[str]] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in skip or isinstance(module, nn.Embedding):
+            continue
+        on_purpose = any(p.search(name) for p in patterns)
+        for attr, p in module._parameters.items():
+            if p is None or p.dim() < 2 or id(p) in seen or attr.endswith("_scale"):
+                continue
+            seen.add(id(p))
+            eligible += p.numel()
+            if isinstance(module, (FP8Linear, FP8Experts)):
+                quantized += p.numel()
+            elif on_purpose:
+                kept_on_purpose += p.numel()
+            else:
+                why = type(module).__name__
+                if isinstance(module, nn.Linear) or _is_conv1d(module):
+                    why += " (dims not multiples of 16)"
+                unhandled.setdefault(why, []).append(f"{name}.{attr}" if name else attr)
+    return Coverage(quantized, eligible, kept_on_purpose, unhandled)

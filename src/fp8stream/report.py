@@ -31,6 +31,7 @@ class LoadReport:
     world_size: int = 1
     tp: int = 1
     ep: int = 1
+    quantized_fraction: float = 0.0  # FP8 share of the >= 2-D weights outside the embeddings (elements)
     gate_up_fused: int = 0  # gated MLPs whose gate and up projections run as one GEMM (load's fuse_gate_up)
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: list[str] = field(default_factory=list)
@@ -46,7 +47,8 @@ class LoadReport:
         return (
             f"fp8stream {self.scheme} on {self.device}{where}: full precision {gib(self.full_precision_bytes)} -> "
             f"final {gib(self.final_bytes)}, peak {gib(self.peak_bytes)} (final + {over / 2**20:.1f} MiB; "
-            f"bound final + {self.staging_bytes / 2**20:.0f} MiB), {self.quantized_tensors} tensors quantized, "
+            f"bound final + {self.staging_bytes / 2**20:.0f} MiB), {self.quantized_tensors} tensors quantized "
+            f"({100 * self.quantized_fraction:.0f}% of the weights), "
             f"{self.kept_tensors} kept, {self.load_seconds:.2f} s"
         )
 

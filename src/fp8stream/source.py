@@ -46,7 +46,10 @@ class Source:
 
     def request(self, plan: TargetPlan, d0: int, d1: int, name: str) -> Request | None:
         """The reads behind destination rows [d0, d1), in destination order (the buffer's row order); None when
-        the sources differ in dtype (rare)."""
+        the sources differ in dtype (rare). A transposed plan reads columns [d0, d1) of every source row."""
+        if plan.transposed:
+            p = plan.pieces[0]
+            return self._request(((p.key, p.src_row, p.src_row + p.rows),), (d0, d1))
         pieces, starts = self._pieces_of(plan)
         reads = []
         for p in pieces[max(bisect.bisect_right(starts, d0) - 1, 0) :]:  # a chunk spans few of an expert param's 120
@@ -72,6 +75,8 @@ class Source:
         if len({i.dtype for i in infos}) != 1:
             return None
         cols = cols if cols is not None and len(infos[0].shape) >= 2 else None
+        if cols is not None and cols == (0, infos[0].flat_shape[1]):
+            cols = None  # whole rows: one contiguous read
         return Request(reads, infos[0].dtype, sum((b - a) * row_bytes(i, cols) for (_, a, b), i in zip(reads, infos)), cols)
 
     def start(self, schedule: list[tuple[tuple | None, Request | None]]) -> None:
@@ -103,13 +108,16 @@ class Source:
             shape = (d1 - d0, width) if width else (d1 - d0,)
             return torch.randn(shape, generator=self.gen, device=self.device, dtype=self.dtype).mul_(0.02)
         if self._pos < len(self._keys) and self._keys[self._pos] == (name, d0, d1):
-            return self._fetch(self._schedule[self._pos])  # the next scheduled chunk: its request is known
-        req = self.request(plan, d0, d1, name)
-        if req is None:  # sources of one parameter in different dtypes: convert each on the host
-            reads = [(p.key, p.src_row + max(d0, p.dst_row) - p.dst_row, p.src_row + min(d1, p.dst_row + p.rows) - p.dst_row)
-                     for p in plan.pieces if max(d0, p.dst_row) < min(d1, p.dst_row + p.rows)]
-            return torch.cat([self.ckpt.read_rows(k, a, b, plan.cols).to(self.dtype) for k, a, b in reads]).to(self.device)
-        return self._fetch(req)
+            x = self._fetch(self._schedule[self._pos])  # the next scheduled chunk: its request is known
+        else:
+            req = self.request(plan, d0, d1, name)
+            if req is None:  # sources of one parameter in different dtypes: convert each on the host
+                reads = [(p.key, p.src_row + max(d0, p.dst_row) - p.dst_row, p.src_row + min(d1, p.dst_row + p.rows) - p.dst_row)
+                         for p in plan.pieces if max(d0, p.dst_row) < min(d1, p.dst_row + p.rows)]
+                return torch.cat([self.ckpt.read_rows(k, a, b, plan.cols).to(self.dtype) for k, a, b in reads]).to(self.device)
+            x = self._fetch(req)
+        # [in rows, d1 - d0 columns] -> destination rows; the copy is staged (stream._TRANSPOSE_EXTRA)
+        return x.reshape(-1, d1 - d0).t().contiguous() if plan.transposed else x
 
     def _fetch(self, req: Request) -> torch.Tensor:
         self.loaded_bytes += req.nbytes
@@ -156,6 +164,9 @@ class Source:
 
 def first_bad(plan: TargetPlan | None, bad_rows: torch.Tensor, ckpt: Checkpoint | None, name: str) -> str:
     row = int(bad_rows.nonzero()[0, 0]) if bad_rows.any() else 0
+    if plan is not None and plan.transposed:
+        key = plan.pieces[0].key
+        return f"{ckpt.tensors[key].file}: tensor '{key}' contains NaN or Inf (column {row})"
     if plan is not None:
         for p in plan.pieces:
             if p.dst_row <= row < p.dst_row + p.rows:

@@ -100,6 +100,7 @@ class _Chunks:
     amax_reads: list[tuple[str, int, int]]
     rows: list[tuple[int, int]]
     kind: str = "rows"  # staging kind (_STAGE_BYTES_PER_ELEM)
+    extra: int = 0  # more staged bytes per element (a transposed source's copy)
 
 
 def _stage_kind(scheme: str, cols_split: bool = False) -> str:
@@ -115,11 +116,15 @@ def _quantized_chunks(t: _Target, src: Source, scheme: str, staging: int) -> _Ch
     n, k = shape[-2], shape[-1]
     block = scheme == "fp8_per_block"
     kind = _stage_kind(scheme, t.plan is not None and t.plan.cols is not None)
-    step = _rows_per_chunk(k, src.itemsize(t.plan), staging, BLOCK if block and n >= BLOCK else 1, t.name,
-                           _stage_extra(kind, src.itemsize(t.plan), src.device))
+    itemsize = src.itemsize(t.plan)
+    transposed = t.plan is not None and t.plan.transposed
+    extra = _stage_extra(kind, itemsize, src.device) + (itemsize if transposed else 0)  # the transposed copy of the chunk
+    step = _rows_per_chunk(k, itemsize, staging, BLOCK if block and n >= BLOCK else 1, t.name, extra)
     if block:
         step = min(step, math.ceil(n / BLOCK) * BLOCK)
     amax_reads = []
+    # the amax pass reads source rows: of a transposed source, rows of the destination's column count
+    amax_step = _rows_per_chunk(t.plan.shape[-1], itemsize, staging, 1, t.name, 2 * itemsize) if transposed else step
     if scheme == "fp8_per_tensor" and t.plan is not None and t.plan.sharded:  # this rank's rows of each source
         for p in t.plan.pieces:
             amax_reads += [(p.key, r0, min(r0 + step, p.src_row + p.rows)) for r0 in range(p.src_row, p.src_row + p.rows, step)]
@@ -127,8 +132,9 @@ def _quantized_chunks(t: _Target, src: Source, scheme: str, staging: int) -> _Ch
         for key in t.plan.sources:
             info = src.ckpt.tensors[key]
             rows = info.flat_shape[0] if info.shape else 1
-            amax_reads += [(key, r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
-    return _Chunks(step, amax_reads, list(_chunks(math.prod(shape[:-1]), n, step, per_slice=block)), kind)
+            amax_reads += [(key, r0, min(r0 + amax_step, rows)) for r0 in range(0, rows, amax_step)]
+    return _Chunks(step, amax_reads, list(_chunks(math.prod(shape[:-1]), n, step, per_slice=block)), kind,
+                   itemsize if transposed else 0)
 
 
 def _kept_chunks(t: _Target, src: Source, staging: int) -> _Chunks:
@@ -203,7 +209,7 @@ def _load_quantized(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger, s
         shard_scales = _shard_scales(t, c, src, ledger, device)
 
     for d0, d1 in c.rows:
-        staged = (d1 - d0) * k * (itemsize + _stage_extra(c.kind, itemsize, device))
+        staged = (d1 - d0) * k * (itemsize + _stage_extra(c.kind, itemsize, device) + c.extra)
         ledger.stage(staged)
         x = src.rows(t.plan, d0, d1, k, t.name)
         if block:
@@ -283,7 +289,7 @@ def _all_max(x: torch.Tensor, group) -> torch.Tensor:
 
 def _row_scales(plan: TargetPlan | None, shard_scales: torch.Tensor, d0: int, d1: int, device) -> torch.Tensor:
     out = torch.empty(d1 - d0, device=device)
-    if plan is None:
+    if plan is None or plan.transposed:  # one source (a transposed plan's pieces count source rows)
         return out.fill_(float(shard_scales[0]))
     for p in plan.pieces:
         lo, hi = max(d0, p.dst_row), min(d1, p.dst_row + p.rows)
