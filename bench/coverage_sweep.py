@@ -39,6 +39,8 @@ _TINY = {
     "word_embed_proj_dim": 64, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16,
     "v_head_dim": 16, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "num_local_experts_per_tok": 2,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "rotary_dim": 16, "decoder_layers": 2, "encoder_layers": 2, "decoder_ffn_dim": 128, "encoder_ffn_dim": 128,
+    "decoder_attention_heads": 4, "encoder_attention_heads": 4, "d_model": 64, "n_positions": 256,
     "sliding_window": 64, "attention_chunk_size": 64, "global_attn_every_n_layers": 2,
 }
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
@@ -67,10 +69,16 @@ def _shrink(cfg, seen=None) -> None:
             setattr(cfg, key, [i if i < 256 else 1 for i in v])
     layer_types = getattr(cfg, "layer_types", None)
     if isinstance(layer_types, list) and layer_types:
+        kinds = list(dict.fromkeys(layer_types))  # one layer of each kind (a hybrid needs its attention layer too)
+        kinds = (kinds * 2)[: max(2, len(kinds))]
         try:
-            cfg.layer_types = (layer_types * 2)[: getattr(cfg, "num_hidden_layers", 2) or 2]
+            cfg.layer_types = kinds
+            if "num_hidden_layers" in names:
+                cfg.num_hidden_layers = len(kinds)
         except AttributeError:  # a derived property on some configs
             pass
+    if getattr(cfg, "kv_lora_rank", None) and "num_key_value_heads" in names:
+        cfg.num_key_value_heads = cfg.num_attention_heads  # multi-head latent attention: one kv head per head
     for key in list(cfg.to_dict()):
         sub = getattr(cfg, key, None)
         if isinstance(sub, PretrainedConfig):

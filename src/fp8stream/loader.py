@@ -267,6 +267,7 @@ def load(
     cannot quantize) unless `allow_unquantized`; the report's `quantized_fraction` is the FP8 share of the >= 2-D
     weights outside the embeddings, always.
     """
+    t_call = time.perf_counter()  # load_seconds is the whole call, as the caller waits for it
     if scheme is not None and scheme not in SCHEMES:
         raise Fp8StreamError(f"unknown scheme '{scheme}' (choose from {', '.join(SCHEMES)})")
     if load_format not in ("auto", "dummy"):
@@ -398,14 +399,15 @@ def load(
         raise Fp8StreamError(f"internal: parameter '{left[0]}' was not loaded")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
+    streaming = time.perf_counter() - t0
     ledger.sample()
     if layout is not None:
         install_hooks(model, layout, group.group)
     fused = gate_up.fuse() if gate_up is not None else 0
     report = LoadReport(
         device=str(dev), scheme=scheme, peak_bytes=ledger.peak(), final_bytes=final_bytes,
-        full_precision_bytes=full_precision, staging_bytes=staging, load_seconds=seconds,
+        full_precision_bytes=full_precision, staging_bytes=staging, load_seconds=0.0,
+        setup_seconds=t0 - t_call, streaming_seconds=streaming,
         quantized_tensors=n_quant, kept_tensors=n_kept, peak_measured_by=ledger.measured_by,
         host_rss_anon_peak_delta_bytes=ledger.rss_peak, host_peak_bytes=ledger.host_peak_bytes,
         pinned_host_bytes=pinned, read_threads=read_threads if ckpt is not None else 0, load_format=load_format,
@@ -418,10 +420,11 @@ def load(
         log.debug("Peak device memory while loading weights: %.2f GiB", report.peak_bytes / 2**30)
     else:
         log.debug("[rank %d/%d] Peak device memory while loading weights: %.2f GiB", group.rank, group.world, report.peak_bytes / 2**30)
-    log.info(report.summary())
     model.config.dtype = dtype
     _attach_generation_config(model, path)
     model.fp8stream_report = report
+    report.load_seconds = time.perf_counter() - t_call
+    log.info(report.summary())
     if timeline is not None:
         from .timeline import write_timeline
 

@@ -13,6 +13,7 @@ and multiplies in float32. Both compute the same function.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import math
 import re
@@ -279,6 +280,35 @@ def _local_reference(module: FP8Experts, hidden_states, local_index, weights) ->
         module.expert_start = start
 
 
+_SETUP_METHODS = {"__init__", "_init_weights", "reset_parameters", "init_weights", "extra_repr", "__repr__"}
+
+
+@functools.cache
+def _direct_weight_reads(cls: type) -> frozenset[str]:
+    """Children whose `.weight` the code of `cls` (and its bases up to nn.Module) reads itself, outside set-up
+    methods: e.g. Mamba's mixer computes `self.dt_proj.weight @ x`. Such a Linear must stay a Linear (an FP8
+    weight there would be used as if it were bf16)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
+            continue
+        for attr, fn in vars(klass).items():
+            if attr in _SETUP_METHODS or not callable(fn):
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            names.update(re.findall(r"\bself\.(\w+)\.weight\b", src))
+    return frozenset(names)
+
+
+def _read_directly(model: nn.Module, name: str) -> bool:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return child in _direct_weight_reads(type(parent))
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2, OpenAI GPT, ImageGPT...): a Linear whose weight is stored [in, out]."""
     from transformers.pytorch_utils import Conv1D
@@ -345,7 +375,7 @@ def replace_with_fp8(
             continue
         if is_linear or conv1d:
             n_in, n_out = (module.nx, module.nf) if conv1d else (module.in_features, module.out_features)
-            if n_in % 16 or n_out % 16:
+            if n_in % 16 or n_out % 16 or _read_directly(model, name):
                 kept.append(name)
                 continue
             new = FP8Linear(n_in, n_out, module.bias is not None, scheme, dtype, transposed_source=conv1d)
@@ -404,7 +434,9 @@ def coverage(model: nn.Module, deliberate: Iterable[str]) -> Coverage:
                 kept_on_purpose += p.numel()
             else:
                 why = type(module).__name__
-                if isinstance(module, nn.Linear) or _is_conv1d(module):
+                if (isinstance(module, nn.Linear) or _is_conv1d(module)) and name and _read_directly(model, name):
+                    why += f" (weight read directly by {type(model.get_submodule(name.rpartition('.')[0])).__name__})"
+                elif isinstance(module, nn.Linear) or _is_conv1d(module):
                     why += " (dims not multiples of 16)"
                 unhandled.setdefault(why, []).append(f"{name}.{attr}" if name else attr)
     return Coverage(quantized, eligible, kept_on_purpose, unhandled)

@@ -17,7 +17,7 @@ class LoadReport:
     final_bytes: int  # device memory the loaded model holds
     full_precision_bytes: int  # the model's parameters at the checkpoint's dtype
     staging_bytes: int  # the staging bound in force: peak <= final + staging
-    load_seconds: float
+    load_seconds: float  # the whole load() call
     quantized_tensors: int
     kept_tensors: int
     peak_measured_by: str
@@ -31,6 +31,8 @@ class LoadReport:
     world_size: int = 1
     tp: int = 1
     ep: int = 1
+    setup_seconds: float = 0.0  # config, headers, meta model, plan, FP8 modules, schedule: before the first read
+    streaming_seconds: float = 0.0  # the first read to the last weight on the device
     quantized_fraction: float = 0.0  # FP8 share of the >= 2-D weights outside the embeddings (elements)
     gate_up_fused: int = 0  # gated MLPs whose gate and up projections run as one GEMM (load's fuse_gate_up)
     quantized_modules: list[str] = field(default_factory=list)
@@ -49,7 +51,8 @@ class LoadReport:
             f"final {gib(self.final_bytes)}, peak {gib(self.peak_bytes)} (final + {over / 2**20:.1f} MiB; "
             f"bound final + {self.staging_bytes / 2**20:.0f} MiB), {self.quantized_tensors} tensors quantized "
             f"({100 * self.quantized_fraction:.0f}% of the weights), "
-            f"{self.kept_tensors} kept, {self.load_seconds:.2f} s"
+            f"{self.kept_tensors} kept, {self.load_seconds:.2f} s (setup {self.setup_seconds:.2f} s, streaming "
+            f"{self.streaming_seconds:.2f} s)"
         )
 
 
