@@ -39,18 +39,18 @@ def main() -> None:
         res = {"dir_diff": _diff(_state(model), want), "changed": _diff(before, want) != [],
                "peak_over_final": rep.peak_bytes - rep.final_bytes, "staging": rep.staging_bytes, "read_bytes": rep.read_bytes,
                "whole_bytes": sum(f.stat().st_size for f in Path(case["b"]).glob("*.safetensors"))}
+        res["ptrs_kept"] = {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
         model = fp8stream.load(case["a"], **kw)
+        ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
         pairs = list(load_file(Path(case["b"]) / "model.safetensors").items())
         fp8stream.reload(model, pairs)
         res["tensors_diff"] = _diff(_state(model), want)
-        res["ptrs_kept"] = ptrs.keys() == {k for k in model.state_dict()}
-        res["ptrs_kept"] = all(v.data_ptr() == p for v, p in zip(model.state_dict().values(), [None] * 0)) or res["ptrs_kept"]
+        res["ptrs_kept"] = res["ptrs_kept"] and {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
         # NaN in row 0 of a column-parallel weight: only rank 0 holds that row
         q = "model.layers.0.self_attn.q_proj.weight"
         bad = [(k, v.clone() if k == q else v) for k, v in pairs]
         next(v for k, v in bad if k == q)[0, 0] = float("nan")
         before = _state(model)
-        ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
         try:
             fp8stream.reload(model, bad)
             res["nan_error"] = ""
