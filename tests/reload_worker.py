@@ -31,14 +31,16 @@ def main() -> None:
     torch.set_num_threads(1)
     for case in cases:
         kw = dict(device="cpu", scheme=case["scheme"], progress=False, tp=case["tp"], ep=case["ep"])
-        want = _state(fp8stream.load(case["b"], **kw))
+        fresh = fp8stream.load(case["b"], **kw)
+        want, load_read = _state(fresh), fresh.fp8stream_report.read_bytes
         model = fp8stream.load(case["a"], **kw)
         before = _state(model)
         ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
         rep = fp8stream.reload(model, case["b"])
         res = {"dir_diff": _diff(_state(model), want), "changed": _diff(before, want) != [],
-               "peak_over_final": rep.peak_bytes - rep.final_bytes, "staging": rep.staging_bytes, "read_bytes": rep.read_bytes,
+               "peak_over_final": rep.peak_bytes - rep.final_bytes, "staging": rep.staging_bytes, "read_bytes": rep.read_bytes, "load_read_bytes": load_read,
                "whole_bytes": sum(f.stat().st_size for f in Path(case["b"]).glob("*.safetensors"))}
+        res["read_bytes_unchecked"] = fp8stream.reload(model, case["b"], check_finite=False).read_bytes  # no first pass
         res["ptrs_kept"] = {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
         model = fp8stream.load(case["a"], **kw)
         ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
