@@ -49,8 +49,9 @@ def reload(
     """Requantize new full-precision weights into `model` (built by `fp8stream.load`) in place; returns a LoadReport.
 
     `source`: a checkpoint directory (safetensors, as for `load`; under tp/ep each rank reads only its bytes), or an
-    iterable of (name, tensor) pairs with the checkpoint's on-disk names (a trainer's `state_dict().items()`), on
-    the CPU or on the model's device, in any order. A subset of the weights is a partial update: only the parameter
+    iterable of (name, tensor) pairs (a trainer's `state_dict().items()`) named as on disk or as the model's own
+    parameters (a fused `experts.gate_up_proj` is split back into its on-disk tensors through the load plan, as
+    views), on the CPU or on the model's device, in any order; under tp/ep each rank takes its slice of each. A subset of the weights is a partial update: only the parameter
     rows fed by the given tensors change (a fused parameter, e.g. experts' gate_up from per-expert w1/w3, keeps the
     rows of the experts not given; under fp8_per_block a given tensor must not share a 128-row scale block with one
     not given). Tied weights (lm_head tied to the embedding) are skipped, as `load` skips them.
@@ -100,6 +101,8 @@ def reload(
         if from_dir:
             ckpt.check_index()
         plans = state.plans if state.plans is not None else _first_plans(model, state, ckpt)
+        if not from_dir:
+            ckpt.split_model_names(plans, state.key_shapes)
         given = _validate(ckpt, state, plans)
         staging = int(staging_mib * 2**20)
         src = Source(ckpt, state.dtype, dev) if from_dir else _TensorSource(ckpt, state.dtype, dev)
@@ -296,6 +299,30 @@ class _Tensors:
             t = t.detach()
             self.data[name] = t
             self.tensors[name] = TensorInfo(name, _GIVEN, t.dtype, tuple(t.shape), t.numel() * t.element_size(), 0)
+
+    def split_model_names(self, plans: dict[str, TargetPlan], key_shapes: dict[str, tuple[int, ...]]) -> None:
+        """A tensor named as the model's own parameter (transformers' in-memory layout, e.g. a trainer's fused
+        `experts.gate_up_proj`) instead of an on-disk name: its rows, through the load plan, are the on-disk tensors
+        it was fused from (the plan's pieces), registered as views under their on-disk names. The numbers are then a
+        fresh load's, per-shard per-tensor scales included."""
+        for name in [n for n in self.data if n not in key_shapes and n in plans]:
+            plan, t = plans[name], self.data[name]
+            if tuple(t.shape) != plan.shape:
+                raise CheckpointError(f"{_GIVEN}: tensor '{name}' has shape {list(t.shape)} but the model's '{name}' is {list(plan.shape)}")
+            if len(plan.pieces) == 1 and plan.sources == [name]:
+                continue
+            flat = t.reshape(-1, t.shape[-1]) if t.dim() >= 2 else t.reshape(-1)
+            for key in plan.sources:
+                pieces = [p for p in plan.pieces if p.key == key]
+                shape = key_shapes[key]
+                rows = shape[0] if len(shape) == 1 else math.prod(shape[:-1]) if shape else 1
+                if len(pieces) != 1 or pieces[0].src_row != 0 or pieces[0].rows != rows or key in self.data:
+                    raise CheckpointError(f"{_GIVEN}: tensor '{name}' cannot be split back into its checkpoint tensors "
+                                          f"(e.g. '{key}'); give the checkpoint's own tensors")
+                p = pieces[0]
+                self.data[key] = flat[p.dst_row : p.dst_row + p.rows].reshape(shape)
+                self.tensors[key] = TensorInfo(key, _GIVEN, t.dtype, shape, math.prod(shape) * t.element_size(), 0)
+            del self.data[name], self.tensors[name]
 
     def rows(self, key: str, start: int, stop: int, cols: tuple[int, int] | None = None) -> torch.Tensor:
         """Flat rows [start, stop) (columns [c0, c1)) of a given tensor: a view where its memory allows one, else
