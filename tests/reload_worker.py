@@ -61,6 +61,22 @@ def main() -> None:
         res["nan_unchanged"] = _diff(_state(model), before) == []
         res["ptrs_kept"] = res["ptrs_kept"] and {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
         res["state"] = _state(model)
+        if "experts" in " ".join(want):  # partial: layer 0's q_proj and expert 0 (under ep: only rank 0 holds it)
+            model = fp8stream.load(case["a"], **kw)
+            old = _state(model)
+            give = (q, "model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.0.mlp.experts.0.up_proj.weight")
+            fp8stream.reload(model, [(k, v) for k, v in pairs if k in give])
+            expect = dict(old)
+            for k in (q, q + "_scale"):
+                expect[k] = want[k]
+            gu = "model.layers.0.mlp.experts.gate_up_proj"
+            holds_expert0 = not case["ep"] or rank == 0
+            for k in (gu, gu + "_scale"):
+                expect[k] = old[k].clone()
+                if holds_expert0:
+                    expect[k][0] = want[k][0]
+            res["partial_diff"] = _diff(_state(model), expect)
+            res["partial_changed"] = _diff(old, expect)
         torch.save(res, out / f"{case['name']}-rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()

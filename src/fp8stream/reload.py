@@ -32,7 +32,8 @@ from .parallel import local_plan
 from .quantize import BLOCK
 from .report import LoadReport
 from .source import Source
-from .stream import _Chunks, _kept_chunks, _quantized_chunks, _schedule, _stage_extra, _Target, _unique_bytes, stream_weights
+from .stream import (_Chunks, _kept_chunks, _quantized_chunks, _schedule, _stage_extra, _Target, _unique_bytes,
+                     stream_weights)
 
 _GIVEN = Path("<reload tensors>")  # the "file" error messages name for (name, tensor) sources
 
@@ -129,7 +130,7 @@ def reload(
         ledger.mark_host_base()
         ledger.start()
         with torch.no_grad():
-            if checks:
+            if check_finite:  # also with nothing to check on this rank: every rank joins the verdict's all_reduce
                 _check_finite(checks, work, src, ledger, state, sorted(given))
             try:
                 n_quant, n_kept = stream_weights(work, src, ledger, scheme, state.dtype, dev, {}, None, progress)
