@@ -17,7 +17,8 @@ from .errors import CheckpointError, Fp8StreamError, OutOfMemoryError, Unsupport
 from .export import export
 from .loader import load
 from .quantize import SCHEMES
+from .reload import reload
 from .report import LoadReport
 
-__all__ = ["load", "export", "LoadReport", "SCHEMES", "Fp8StreamError", "CheckpointError", "UnsupportedModelError", "OutOfMemoryError"]
+__all__ = ["load", "reload", "export", "LoadReport", "SCHEMES", "Fp8StreamError", "CheckpointError", "UnsupportedModelError", "OutOfMemoryError"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +36,23 @@ log = logging.getLogger("fp8stream")
 # Kept in full precision unless the user asks otherwise: MoE routers and shared-expert gates (tiny,
 # and routing decisions are sensitive); the output embedding is added by name at load time.
 DEFAULT_IGNORE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$")
+
+
+@dataclass
+class _LoadState:
+    """What `reload()` needs of a model `load()` built (attached as `model._fp8stream_state`): the scheme and
+    dtype, the device, the load plan over the whole model (checkpoint key -> parameter rows, before any tp/ep
+    split) with the on-disk shape of each key, and the tp/ep layout and group of this rank."""
+
+    scheme: str
+    dtype: torch.dtype
+    device: torch.device
+    plans: dict[str, TargetPlan] | None  # None after a dummy load: reload builds it from its first source
+    key_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tied: frozenset = frozenset()  # tied parameter names (their checkpoint tensors are skipped, as load skips them)
+    layout: object = None  # parallel.Layout of this rank, None on one device
+    group: object = None  # parallel.Group
+    prequantized: bool = False
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -329,6 +347,7 @@ def load(
         transposed = _mark_transposed(model, plans)
         if transposed and pre is not None:
             raise UnsupportedModelError(f"{path / 'config.json'}: pre-quantized FP8 checkpoints of Conv1D models ({config.model_type}) are not supported")
+        global_plans = plans
         layout = None
         if group is not None:
             if pre is not None:
@@ -425,6 +444,10 @@ def load(
     model.fp8stream_report = report
     report.load_seconds = time.perf_counter() - t_call
     log.info(report.summary())
+    model._fp8stream_state = _LoadState(
+        scheme, dtype, dev, global_plans,
+        {k: ckpt.tensors[k].shape for p in global_plans.values() for k in p.sources} if global_plans is not None else {},
+        frozenset(getattr(model, "all_tied_weights_keys", None) or ()), layout, group, pre is not None)
     if timeline is not None:
         from .timeline import write_timeline
 

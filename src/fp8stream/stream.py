@@ -60,6 +60,7 @@ class _Target:
     scale_attr: str | None  # set when the parameter is stored in fp8
     plan: TargetPlan | None
     group: object = None  # tensor/expert parallel: the process group whose ranks hold the other parts
+    live: bool = False  # reload: write into the parameter's current storage (no allocation; the Parameter objects stay)
 
 
 def _unique_bytes(tensors) -> int:
@@ -188,7 +189,9 @@ def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device, gate_up: 
     up: the halves of one storage, see _GateUpStorage)."""
     shape = tuple(t.module._parameters[t.attr].shape)
     ws = gate_up.take(t.module, ledger, device) if gate_up is not None else None
-    if ws is not None:
+    if t.live:  # reload: the loaded weight and scales themselves (a fused gate/up half is a view of its storage)
+        w, s = t.module._parameters[t.attr], t.module._parameters[t.scale_attr]
+    elif ws is not None:
         w, s = ws
     else:
         w = torch.empty(shape, dtype=FP8_DTYPE, device=device)
@@ -226,8 +229,9 @@ def _load_quantized(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger, s
             quantize_rows_into(x, w_flat[d0:d1], s.view(-1)[d0:d1], row_scale)
         del x
         ledger.unstage(staged)
-    t.module._parameters[t.attr] = nn.Parameter(w, requires_grad=False)
-    t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
+    if not t.live:
+        t.module._parameters[t.attr] = nn.Parameter(w, requires_grad=False)
+        t.module._parameters[t.scale_attr] = nn.Parameter(s, requires_grad=False)
     # NaN / Inf in a weight makes its scale non-finite: a device flag, read once at the end of the load
     # (reading it here would stall the pipeline once per parameter); the load fails before it returns.
     return torch.isfinite(s).all(), lambda: _raise_non_finite(t, src, s, block, flat, n, k)
@@ -302,8 +306,11 @@ def _load_kept(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger, dtype:
     p = t.module._parameters[t.attr]
     shape = tuple(p.shape)
     out_dtype = dtype if p.dtype.is_floating_point else p.dtype
-    dst = torch.empty(shape, dtype=out_dtype, device=device)
-    ledger.add_final(dst.nbytes)
+    if t.live:  # reload: into the loaded tensor itself
+        dst = p
+    else:
+        dst = torch.empty(shape, dtype=out_dtype, device=device)
+        ledger.add_final(dst.nbytes)
     if t.plan is not None and t.plan.zeros:  # a rowwise bias on ranks other than 0 (added once, by rank 0)
         dst.zero_()
     elif src.ckpt is None:  # dummy: norms start at 1, biases at 0, the rest small random
@@ -334,9 +341,11 @@ def _load_kept(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger, dtype:
             del x, out
             ledger.unstage(staged)
         finite = torch.isfinite(norms).all() if norms is not None else torch.ones((), dtype=torch.bool, device=device)
-        t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
+        if not t.live:
+            t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
         return finite, lambda: _raise_kept_non_finite(t, src, dst_flat, flat, width, step, out_dtype)
-    t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
+    if not t.live:
+        t.module._parameters[t.attr] = nn.Parameter(dst, requires_grad=False)
     return None
 
 
