@@ -167,3 +167,25 @@ SUBSET = {"gpt2": "fp8", "openai-gpt": "fp8", "llama": "fp8", "mixtral": "fp8", 
 def test_sweep_subset(model_type, tmp_path):
     row = check_type(model_type, tmp_path)
     assert row["result"] == SUBSET[model_type], row
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpt2_reload_equals_a_fresh_load(gpt2, tmp_path, scheme):
+    """reload() of Conv1D weights (transposed reads) gives load()'s bits, in place, from a directory and from tensors."""
+    path, _ = gpt2
+    other = tmp_path / "b"
+    other.mkdir()
+    for f in path.iterdir():
+        if f.name != "model.safetensors":
+            (other / f.name).write_bytes(f.read_bytes())
+    sd = {k: v * 1.5 if v.dim() == 2 else v for k, v in load_file(path / "model.safetensors").items()}
+    save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
+    u8 = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+    want = fp8stream.load(other, device="cpu", scheme=scheme, progress=False).state_dict()
+    for source in (other, list(sd.items())):
+        model = fp8stream.load(path, device="cpu", scheme=scheme, progress=False, staging_mib=0.6)
+        ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+        fp8stream.reload(model, source, staging_mib=0.6)
+        got = model.state_dict()
+        assert all(torch.equal(u8(got[k]), u8(want[k])) for k in want), [k for k in want if not torch.equal(u8(got[k]), u8(want[k]))]
+        assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs

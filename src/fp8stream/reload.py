@@ -196,11 +196,13 @@ def _given_part(plan: TargetPlan, given: set[str]) -> TargetPlan:
     sources = [k for k in plan.sources if k in given]
     shard = {k: i for i, k in enumerate(sources)}
     pieces = [Piece(p.key, p.src_row, p.dst_row, p.rows, shard[p.key]) for p in plan.pieces if p.key in given]
-    return TargetPlan(plan.name, plan.shape, pieces, sources, plan.cols, plan.sharded, plan.zeros)
+    return TargetPlan(plan.name, plan.shape, pieces, sources, plan.cols, plan.sharded, plan.zeros, plan.transposed)
 
 
 def _given_rows(t: _Target, plan: TargetPlan, c: _Chunks, scheme: str) -> list[tuple[int, int]]:
     """The row chunks of a target that the given tensors fill: load's own chunks when they fill all of it."""
+    if t.plan.transposed:  # a Conv1D weight: one source tensor, given whole
+        return c.rows
     shape = tuple(t.module._parameters[t.attr].shape)
     flat = math.prod(shape[:-1]) if len(shape) >= 2 else (shape[0] if shape else 1)
     runs = []
@@ -242,9 +244,11 @@ def _finite_reads(work, src: Source) -> list[tuple]:
     """(target index, kept?, key, first row, end row, cols) of every chunk of given rows, for the finiteness pass."""
     out = []
     for i, (t, c) in enumerate(work):
+        # source rows of a transposed (Conv1D) plan hold the destination's column count: fewer per chunk
+        step = max(1, c.step * t.plan.shape[0] // t.plan.shape[1]) if t.plan.transposed else c.step
         for p in t.plan.pieces:
-            for r0 in range(p.src_row, p.src_row + p.rows, c.step):
-                out.append((i, t.scale_attr is None, p.key, r0, min(r0 + c.step, p.src_row + p.rows), t.plan.cols))
+            for r0 in range(p.src_row, p.src_row + p.rows, step):
+                out.append((i, t.scale_attr is None, p.key, r0, min(r0 + step, p.src_row + p.rows), t.plan.cols))
     return out
 
 
