@@ -6,6 +6,8 @@ every import, CUDA context, compile and warm-up inside the clock; modes interlea
 
 Modes (each one fresh `python` process; the wall clock is taken around the process by this script):
   import       python -c "import torch, transformers"                       (the baseline: not ours)
+  hf_modeling  import torch, transformers, the checkpoint's transformers model class built on the meta device,
+               and (CUDA) the context: what every transformers-based loader pays before its first byte
   cli          python -m fp8stream load CKPT --device D --json               (the report's seconds are kept too)
   api          python -c: import torch + CUDA init, then fp8stream.load() twice; the two calls timed inside
                (the issue's "fresh process, torch imported" figure, and the second call)
@@ -49,6 +51,16 @@ for i in range(2):
 print(json.dumps(out))
 """
 
+MODELING = r"""
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = AutoConfig.from_pretrained(sys.argv[1])
+with torch.device("meta"):
+    AutoModelForCausalLM.from_config(cfg)
+if sys.argv[2].startswith("cuda"):
+    torch.empty(1, device=sys.argv[2])
+"""
+
 HF = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -72,6 +84,7 @@ def command(mode: str, ckpt: str, device: str) -> list[str]:
         "import": [py, "-c", "import torch, transformers"],
         "cli": [py, "-m", "fp8stream", "load", ckpt, "--device", device, "--json"],
         "api": [py, "-c", API, ckpt, device],
+        "hf_modeling": [py, "-c", MODELING, ckpt, device],
         "hf_bf16": [py, "-c", HF, ckpt, device],
         "safetensors": [py, "-c", ST, ckpt, device],
     }[mode]

@@ -350,3 +350,29 @@ def test_tp_ep_reload_equals_single_process(ckpts, tmp_path):
             got = _assemble([ranks[0]["state"], ranks[1]["state"]], layouts, k, want.shape)
             assert torch.equal(got, want), (n, k)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path; run on the H100 by hand")
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_cuda_graph_replay_after_reload_sees_the_new_weights(ckpts, arch):
+    """A decode step captured in a CUDA graph before the reload, replayed after it (no re-capture), equals an eager
+    step of a fresh load of B: every storage the graph reads kept its address and holds B's values. With GPU source
+    tensors (a colocated trainer)."""
+    a, b = ckpts[arch]
+    model = fp8stream.load(a, device="cuda", progress=False)
+    ids = torch.randint(0, 256, (1, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        for _ in range(3):  # warm up on a side stream (kernel choice, lazy module loads) before capture
+            model(ids, use_cache=False)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(ids, use_cache=False).logits
+        graph.replay()
+        before = captured.clone()
+        fp8stream.reload(model, [(k, v.cuda()) for k, v in _pairs(b)])
+        graph.replay()
+        torch.cuda.synchronize()
+        want = fp8stream.load(b, device="cuda", progress=False)(ids, use_cache=False).logits
+    assert not torch.equal(before, want)
+    assert torch.equal(captured, want)
