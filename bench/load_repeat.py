@@ -21,7 +21,14 @@ import fp8stream
 def _held(device: str) -> dict:
     """What the process holds right now (after a load's model is freed)."""
     rss = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("RssAnon:"))
-    out = {"threads": len(os.listdir("/proc/self/task")), "fds": len(os.listdir("/proc/self/fd")), "rss_anon_mib": round(rss / 2**20, 1)}
+    names: dict[str, int] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            comm = open(f"/proc/self/task/{tid}/comm").read().strip()
+        except OSError:
+            continue
+        names[comm] = names.get(comm, 0) + 1
+    out = {"threads": len(os.listdir("/proc/self/task")), "thread_names": names, "fds": len(os.listdir("/proc/self/fd")), "rss_anon_mib": round(rss / 2**20, 1)}
     if device.startswith("cuda"):
         out["cuda_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         out["cuda_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)

@@ -14,22 +14,11 @@
 import torch.distributed.nn  # noqa: F401  (see above)
 
 from .errors import CheckpointError, Fp8StreamError, OutOfMemoryError, UnsupportedModelError
+from .export import export
 from .loader import load
 from .quantize import SCHEMES
+from .reload import reload
 from .report import LoadReport
 
 __all__ = ["load", "reload", "export", "LoadReport", "SCHEMES", "Fp8StreamError", "CheckpointError", "UnsupportedModelError", "OutOfMemoryError"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # export (with calibration) and reload are imported on first use: `fp8stream load` needs neither
-    if name == "export":
-        from .export import export
-
-        return export
-    if name == "reload":
-        from .reload import reload
-
-        return reload
-    raise AttributeError(f"module 'fp8stream' has no attribute {name!r}")

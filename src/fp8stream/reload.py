@@ -257,20 +257,41 @@ def _check_finite(checks, work, src: Source, ledger: MemoryLedger, state: _LoadS
     before anything is written. Every rank sees the same verdict (the first bad name over all ranks)."""
     dev = src.device
     flags = torch.empty(len(checks), dtype=torch.bool, device=dev)
+    batch: list[tuple[int, torch.Tensor, float]] = []  # (check index, rows, largest magnitude allowed)
+    held = 0  # staged bytes of the batch
+
+    def flush() -> None:
+        nonlocal held
+        if not batch:
+            return
+        xs = [x for _, x, _ in batch]
+        if dev.type == "cuda":
+            # one multi-tensor launch for the whole batch: a chunk's inf-norm is NaN / Inf iff it holds NaN / Inf (a
+            # launch per chunk made this pass host-bound: 0.37 s for Qwen1.5-MoE's 4659 tensors on the H100)
+            mags = torch.stack([n.float() for n in torch._foreach_norm(xs, float("inf"))])
+        else:  # CPU: aminmax in one pass, no temporary of the chunk's size (15x faster than an inf-norm there)
+            mags = torch.stack([torch.stack(torch.aminmax(x)).float().abs().max() for x in xs])  # NaN propagates
+        limits = torch.tensor([lim for _, _, lim in batch], device=dev)
+        flags[batch[0][0] : batch[-1][0] + 1] = torch.isfinite(mags) & (mags <= limits)
+        batch.clear()
+        del xs
+        ledger.unstage(held)
+        held = 0
+
     for j, (i, kept, key, r0, r1, cols) in enumerate(checks):
         t, c = work[i]
         info = src.ckpt.tensors[key]
         width = (cols[1] - cols[0]) if cols is not None and len(info.shape) >= 2 else (info.shape[-1] if len(info.shape) >= 2 else 1)
         staged = (r1 - r0) * width * (info.dtype.itemsize + _stage_extra(c.kind, info.dtype.itemsize, dev))
+        if batch and (held + staged > ledger.staging_bytes or len(batch) >= 512):
+            flush()
         ledger.stage(staged)
-        x = src.key_rows(key, r0, r1, cols)
-        # NaN propagates through min and max, +-Inf lands in one of them; one pass, no temporary of x's size (15x faster
-        # than an inf-norm on the CPU). A kept tensor: its extremes must also fit the model dtype.
-        lo_hi = torch.stack(torch.aminmax(x))
+        held += staged
+        # a kept tensor's values must also fit the model dtype; a quantized one's only be finite
         out_dtype = state.dtype if t.module._parameters[t.attr].dtype.is_floating_point else t.module._parameters[t.attr].dtype
-        flags[j] = torch.isfinite(lo_hi.to(out_dtype) if kept else lo_hi).all()
-        del x, lo_hi
-        ledger.unstage(staged)
+        limit = torch.finfo(out_dtype).max if kept and out_dtype.is_floating_point else float("inf")
+        batch.append((j, src.key_rows(key, r0, r1, cols), limit))
+    flush()
     index = {k: i for i, k in enumerate(names)}
     bad = [index[checks[j][2]] for j in (~flags).nonzero().flatten().tolist()]  # the one sync of the pass
     first = torch.tensor(min(bad, default=len(names)), device=dev)
