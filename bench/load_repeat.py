@@ -28,7 +28,10 @@ def _held(device: str) -> dict:
         except OSError:
             continue
         names[comm] = names.get(comm, 0) + 1
-    out = {"threads": len(os.listdir("/proc/self/task")), "thread_names": names, "fds": len(os.listdir("/proc/self/fd")), "rss_anon_mib": round(rss / 2**20, 1)}
+    import threading
+
+    out = {"threads": len(os.listdir("/proc/self/task")), "thread_names": names,
+           "python_threads": sorted(t.name for t in threading.enumerate()), "fds": len(os.listdir("/proc/self/fd")), "rss_anon_mib": round(rss / 2**20, 1)}
     if device.startswith("cuda"):
         out["cuda_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         out["cuda_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)
