@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import sys
 import tempfile
@@ -199,7 +200,8 @@ def markdown(rows: list[dict]) -> str:
     for kind in ("refused", "FAIL", "skipped"):
         groups: dict[str, list[str]] = {}
         for r in by[kind]:
-            groups.setdefault(r["detail"].split(":")[0] if kind == "skipped" else r["detail"], []).append(r["type"])
+            why = re.sub(r"\S*/(config\.json|model\.safetensors): ", "", r["detail"])  # the sweep's temporary paths
+            groups.setdefault(why.split(":")[0] if kind == "skipped" else why, []).append(r["type"])
         for why, types in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             lines.append(f"| {kind} | {len(types)} | {', '.join(types)}: {why.replace('|', '/')[:200]} |")
     return "\n".join(lines)

@@ -115,8 +115,24 @@ def build_meta_model(config, dtype: torch.dtype):
         with params_on_meta(), _no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:
-        raise UnsupportedModelError(f"model_type '{config.model_type}': no causal LM class in transformers ({str(e).splitlines()[0]})") from None
+        # a text model saved from a multimodal family (model_type 'emu3_text_model', 'mllama_text_model') is in no
+        # auto mapping: its config.json's `architectures` names the transformers class that wrote it
+        cls = _causal_lm_class(config)
+        if cls is None:
+            raise UnsupportedModelError(f"model_type '{config.model_type}': no causal LM class in transformers ({str(e).splitlines()[0]})") from None
+        with params_on_meta(), _no_init_weights():
+            model = cls._from_config(config, dtype=dtype)
     return model.eval()
+
+
+def _causal_lm_class(config):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None) if name.endswith("ForCausalLM") else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and isinstance(config, cls.config_class):
+            return cls
+    return None
 
 
 def _conversions(model):
