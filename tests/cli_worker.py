@@ -54,7 +54,9 @@ def main() -> int:
 
     rank = os.environ.get("RANK", "0")
     rc = cli_main([a.replace("{rank}", rank) for a in sys.argv[1:]])
-    print(f"cli_worker: threads {json.dumps(_threads())}", file=sys.stderr, flush=True)
+    # one write, newline included: two ranks share torchrun's stderr, and print() writes the end separately
+    sys.stderr.write(f"cli_worker: threads {json.dumps(_threads())}\n")
+    sys.stderr.flush()
     return rc
 
 

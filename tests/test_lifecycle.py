@@ -4,6 +4,7 @@ faults and a report of the threads left when main returns)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def _torchrun(*args, env=None, timeout=120):
 
 
 def _thread_reports(stderr: str) -> list[dict]:
-    return [json.loads(ln.split("cli_worker: threads ", 1)[1]) for ln in stderr.splitlines() if "cli_worker: threads " in ln]
+    # each report is one JSON object without nested braces; ranks' lines may still meet on torchrun's shared stderr
+    return [json.loads(m) for m in re.findall(r"cli_worker: threads (\{[^{}]*\})", stderr)]
 
 
 def _errors(stderr: str) -> list[str]:
