@@ -24,12 +24,14 @@ from coverage_sweep import LOGIT_REL_BOUND, check_type  # noqa: E402
 from tiny_models import quantize_weight  # noqa: E402
 
 
-def _reference(w: torch.Tensor, scheme: str):
-    """A weight [out, in] quantized as the loader stores it (per-tensor: the float32 scale of the exact amax)."""
+def _reference(w: torch.Tensor, scheme: str, whole: torch.Tensor | None = None):
+    """A weight [out, in] quantized as the loader stores it (per-tensor: the float32 scale of the exact amax of the
+    checkpoint tensor `whole` it is a slice of, default itself)."""
     from fp8stream.quantize import quantize_rows, scale_from_amax, tensor_amax
 
     if scheme == "fp8_per_tensor":
-        return quantize_rows(w.clone(), scale_from_amax(tensor_amax(w)).expand(w.shape[0]).contiguous())
+        amax = tensor_amax(w if whole is None else whole)
+        return quantize_rows(w.clone(), scale_from_amax(amax).expand(w.shape[0]).contiguous())
     return quantize_weight(w, scheme)
 
 
@@ -159,7 +161,7 @@ def test_cli_refuses_with_one_line_and_reports_the_fraction(tmp_path, gpt2):
 
 # A fixed, fast subset of the sweep (bench/coverage_sweep.py; the full table is in the README): dense Linear,
 # Conv1D, fused experts and Mixtral-style experts, each with the outcome the sweep gives them.
-SUBSET = {"gpt2": "fp8", "openai-gpt": "fp8", "llama": "fp8", "mixtral": "fp8", "qwen3_moe": "fp8", "opt": "fp8",
+SUBSET = {"gpt2": "fp8", "openai-gpt": "fp8", "llama": "fp8", "mixtral": "fp8", "qwen3_moe": "fp8", "opt": "fp8", "llama4_text": "fp8",
           "gpt_neox": "fp8", "phi3": "fp8", "falcon": "fp8", "bloom": "fp8"}
 
 
@@ -189,3 +191,84 @@ def test_gpt2_reload_equals_a_fresh_load(gpt2, tmp_path, scheme):
         got = model.state_dict()
         assert all(torch.equal(u8(got[k]), u8(want[k])) for k in want), [k for k in want if not torch.equal(u8(got[k]), u8(want[k]))]
         assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+
+
+def _llama4(out: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama4.configuration_llama4 import Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                           max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.mul_(1 + 4 * torch.rand(*p.shape[:-2], 1, p.shape[-1]))  # spread over the output features of [.., in, out]
+    model = model.to(torch.bfloat16).eval()
+    model.save_pretrained(out)
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    return _llama4(tmp_path_factory.mktemp("llama4"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_llama4_transposed_experts_are_fp8(llama4, scheme):
+    """Llama 4's experts ([E, H, 2I] / [E, I, H], every token through every expert) are FP8: each expert's slice is
+    the hand-quantized transpose, also when the budget streams them in column stripes; logits within the bound."""
+    from fp8stream.modules import FP8DenseExperts
+
+    path, ref = llama4
+    staging = 0.6 if scheme == "fp8_per_block" else 0.02
+    model = fp8stream.load(path, device="cpu", scheme=scheme, progress=False, staging_mib=staging)
+    ref_params = dict(ref.named_parameters())
+    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, FP8DenseExperts)]
+    assert len(experts) == 2
+    for name, mod in experts:
+        for attr in ("gate_up_proj", "down_proj"):
+            w = ref_params[f"{name}.{attr}"].detach()  # [E, in, out]
+            codes, scales = getattr(mod, attr), getattr(mod, f"{attr}_scale")
+            for e in range(w.shape[0]):
+                q, s = _reference(w[e].t().contiguous(), scheme, whole=w)  # per-tensor: one scale per checkpoint tensor
+                assert torch.equal(codes[e].view(torch.uint8), q.view(torch.uint8)), (name, attr, e)
+                assert torch.equal(scales[e].reshape(s.shape), s), (name, attr, e)
+    rep = model.fp8stream_report
+    assert rep.quantized_fraction > 0.99 and rep.peak_bytes <= rep.final_bytes + rep.staging_bytes
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref(ids).logits) < LOGIT_REL_BOUND
+
+
+def test_llama4_nan_names_the_expert_and_column(llama4, tmp_path):
+    path, _ = llama4
+    sd = load_file(path / "model.safetensors")
+    key = next(k for k in sd if k.endswith("layers.1.feed_forward.experts.down_proj"))
+    sd[key][2, 5, 9] = float("nan")  # expert 2, input row 5, output feature 9
+    for f in path.iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(fp8stream.CheckpointError, match=rf"tensor '{key}' contains NaN or Inf \(\[2\], column 9\)$"):
+        fp8stream.load(tmp_path, device="cpu", progress=False)
+
+
+def test_llama4_reload_equals_a_fresh_load(llama4, tmp_path):
+    path, _ = llama4
+    other = tmp_path / "b"
+    other.mkdir()
+    for f in path.iterdir():
+        if f.name != "model.safetensors":
+            (other / f.name).write_bytes(f.read_bytes())
+    sd = {k: v * 1.5 if v.dim() >= 2 else v for k, v in load_file(path / "model.safetensors").items()}
+    save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
+    u8 = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+    want = fp8stream.load(other, device="cpu", progress=False).state_dict()
+    for source in (other, list(sd.items())):
+        model = fp8stream.load(path, device="cpu", progress=False, staging_mib=0.05)
+        fp8stream.reload(model, source, staging_mib=0.05)
+        got = model.state_dict()
+        assert [k for k in want if not torch.equal(u8(got[k]), u8(want[k]))] == []

@@ -11,6 +11,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -129,13 +130,18 @@ def _check_coverage(cov, model_type: str, cfg: Path, allow: bool) -> None:
 
 
 def _mark_transposed(model: nn.Module, plans: dict[str, TargetPlan] | None) -> list[str]:
-    """The plans of FP8Linear weights that replace a Conv1D read the checkpoint's [in, out] tensor transposed."""
-    names = [n for n, m in model.named_modules() if isinstance(m, FP8Linear) and m.transposed_source]
+    """The plans of FP8 weights whose checkpoint tensor is stored transposed ([.., in, out]: a Conv1D, Llama 4's
+    experts) read it transposed."""
+    names = [n for n, m in model.named_modules() if getattr(m, "transposed_source", False)]
     for n in names:
-        plan = plans.get(f"{n}.weight") if plans is not None else None
-        if plan is not None:
-            if len(plan.pieces) != 1 or len(plan.shape) != 2:
-                raise UnsupportedModelError(f"'{n}.weight': a Conv1D weight fused from several checkpoint tensors is not supported")
+        module = model.get_submodule(n)
+        for attr in ("weight",) if isinstance(module, FP8Linear) else ("gate_up_proj", "down_proj"):
+            plan = plans.get(f"{n}.{attr}") if plans is not None else None
+            if plan is None:
+                continue
+            whole = len(plan.pieces) == 1 and plan.pieces[0].src_row == 0 and plan.pieces[0].rows == math.prod(plan.shape[:-1])
+            if not whole:
+                raise UnsupportedModelError(f"'{n}.{attr}': a transposed weight fused from several checkpoint tensors is not supported")
             plan.transposed = True
     return names
 
@@ -354,7 +360,7 @@ def load(
                 raise UnsupportedModelError(f"{path / 'config.json'}: tp/ep loads of pre-quantized FP8 checkpoints are not supported yet; load the full-precision checkpoint")
             tied = set(getattr(model, "all_tied_weights_keys", None) or {})
             if transposed:
-                raise UnsupportedModelError(f"{path / 'config.json'}: tensor parallel for Conv1D layers ({config.model_type}: '{transposed[0]}') "
+                raise UnsupportedModelError(f"{path / 'config.json'}: tensor parallel for transposed (Conv1D / Llama 4 experts) layers ({config.model_type}: '{transposed[0]}') "
                                             "is not supported; load it on one device")
             layout = plan_layout(model, tp, ep, group.rank, group.world, tied)
             shard_meta(model, layout)

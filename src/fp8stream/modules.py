@@ -157,6 +157,47 @@ _CANONICAL_GATED = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_pr
 _GATED_FORWARD: dict[type, bool] = {}
 
 
+class FP8DenseExperts(FP8Experts):
+    """Drop-in for experts stored transposed that run every token through every expert (Llama 4's
+    Llama4TextExperts: gate_up_proj [E, H, 2I], down_proj [E, I, H], forward(hidden_states [E * T, H]) with the
+    routing weights already applied to the inputs). Held in the standard FP8 layout ([E, 2I, H], [E, H, I]); the
+    checkpoint's [in, out] slices are read transposed (load plan `transposed`)."""
+
+    transposed_source = True
+
+    def __init__(self, experts: nn.Module, scheme: str, device="meta"):
+        nn.Module.__init__(self)
+        e, h, two_i = experts.gate_up_proj.shape
+        self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
+        self.expert_start, self.expert_parallel = 0, False
+        self.act_fn = experts.act_fn
+        self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
+        self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
+        self.down_proj = _empty_param((e, h, two_i // 2), FP8_DTYPE, device)
+        self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.view(self.num_experts, -1, self.hidden_dim)
+        out = []
+        for e in range(self.num_experts):
+            gate, up = fp8_linear(x[e], self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme).chunk(2, dim=-1)
+            out.append(fp8_linear(up * self.act_fn(gate), self.down_proj[e], self.down_proj_scale[e], None, self.scheme))
+        return torch.stack(out).view(-1, self.hidden_dim)
+
+
+def _is_dense_transposed_experts(module: nn.Module) -> bool:
+    """Llama 4's experts layout and contract (see FP8DenseExperts)."""
+    gu, down = module.gate_up_proj, module.down_proj
+    e, h, two_i = gu.shape
+    if two_i % 2 or tuple(down.shape) != (e, two_i // 2, h) or not hasattr(module, "act_fn") or getattr(module, "has_bias", False):
+        return False
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params == ["self", "hidden_states"]
+
+
 def _is_canonical_gated_forward(cls: type) -> bool:
     """True when cls.forward(self, x) is exactly `return self.down_proj(self.act_fn(self.gate_proj(x)) *
     self.up_proj(x))` (or assigns that to a name and returns it), read from its source: 134 transformers MLP
@@ -379,6 +420,8 @@ def replace_with_fp8(
                 kept.append(name)
                 continue
             new = FP8Linear(n_in, n_out, module.bias is not None, scheme, dtype, transposed_source=conv1d)
+        elif _is_dense_transposed_experts(module):
+            new = FP8DenseExperts(module, scheme)
         else:
             _check_standard_experts(name, module)
             new = FP8Experts(module, scheme)

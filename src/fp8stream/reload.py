@@ -245,7 +245,7 @@ def _finite_reads(work, src: Source) -> list[tuple]:
     out = []
     for i, (t, c) in enumerate(work):
         # source rows of a transposed (Conv1D) plan hold the destination's column count: fewer per chunk
-        step = max(1, c.step * t.plan.shape[0] // t.plan.shape[1]) if t.plan.transposed else c.step
+        step = max(1, c.step * t.plan.shape[-2] // t.plan.shape[-1]) if t.plan.transposed else c.step
         for p in t.plan.pieces:
             for r0 in range(p.src_row, p.src_row + p.rows, step):
                 out.append((i, t.scale_attr is None, p.key, r0, min(r0 + step, p.src_row + p.rows), t.plan.cols))

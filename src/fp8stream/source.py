@@ -47,9 +47,12 @@ class Source:
     def request(self, plan: TargetPlan, d0: int, d1: int, name: str) -> Request | None:
         """The reads behind destination rows [d0, d1), in destination order (the buffer's row order); None when
         the sources differ in dtype (rare). A transposed plan reads columns [d0, d1) of every source row."""
-        if plan.transposed:
-            p = plan.pieces[0]
-            return self._request(((p.key, p.src_row, p.src_row + p.rows),), (d0, d1))
+        if plan.transposed:  # destination rows of slice e (an expert; 0 for 2-D) = columns of source rows [e K, (e + 1) K)
+            p, n, k = plan.pieces[0], plan.shape[-1], (plan.shape[-2] if len(plan.shape) >= 3 else plan.pieces[0].rows)
+            e, c0 = divmod(d0, n)
+            if d1 - e * n > n:
+                raise CheckpointError(f"{self.ckpt.path}: internal: chunk [{d0}, {d1}) of '{name}' crosses a slice")
+            return self._request(((p.key, p.src_row + e * k, p.src_row + (e + 1) * k),), (c0, d1 - e * n))
         pieces, starts = self._pieces_of(plan)
         reads = []
         for p in pieces[max(bisect.bisect_right(starts, d0) - 1, 0) :]:  # a chunk spans few of an expert param's 120
@@ -166,7 +169,9 @@ def first_bad(plan: TargetPlan | None, bad_rows: torch.Tensor, ckpt: Checkpoint 
     row = int(bad_rows.nonzero()[0, 0]) if bad_rows.any() else 0
     if plan is not None and plan.transposed:
         key = plan.pieces[0].key
-        return f"{ckpt.tensors[key].file}: tensor '{key}' contains NaN or Inf (column {row})"
+        e, col = divmod(row, plan.shape[-1])
+        where = f"column {col}" if len(plan.shape) < 3 else f"[{e}], column {col}"
+        return f"{ckpt.tensors[key].file}: tensor '{key}' contains NaN or Inf ({where})"
     if plan is not None:
         for p in plan.pieces:
             if p.dst_row <= row < p.dst_row + p.rows:

@@ -134,7 +134,7 @@ def _quantized_chunks(t: _Target, src: Source, scheme: str, staging: int) -> _Ch
             info = src.ckpt.tensors[key]
             rows = info.flat_shape[0] if info.shape else 1
             amax_reads += [(key, r0, min(r0 + amax_step, rows)) for r0 in range(0, rows, amax_step)]
-    return _Chunks(step, amax_reads, list(_chunks(math.prod(shape[:-1]), n, step, per_slice=block)), kind,
+    return _Chunks(step, amax_reads, list(_chunks(math.prod(shape[:-1]), n, step, per_slice=block or transposed)), kind,
                    itemsize if transposed else 0)
 
 
