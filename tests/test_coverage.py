@@ -161,7 +161,7 @@ def test_cli_refuses_with_one_line_and_reports_the_fraction(tmp_path, gpt2):
 
 # A fixed, fast subset of the sweep (bench/coverage_sweep.py; the full table is in the README): dense Linear,
 # Conv1D, fused experts and Mixtral-style experts, each with the outcome the sweep gives them.
-SUBSET = {"gpt2": "fp8", "openai-gpt": "fp8", "llama": "fp8", "mixtral": "fp8", "qwen3_moe": "fp8", "opt": "fp8", "llama4_text": "fp8",
+SUBSET = {"gpt2": "fp8", "openai-gpt": "fp8", "llama": "fp8", "mixtral": "fp8", "qwen3_moe": "fp8", "opt": "fp8", "llama4_text": "fp8", "gpt_oss": "fp8",
           "gpt_neox": "fp8", "phi3": "fp8", "falcon": "fp8", "bloom": "fp8"}
 
 
@@ -272,3 +272,41 @@ def test_llama4_reload_equals_a_fresh_load(llama4, tmp_path):
         fp8stream.reload(model, source, staging_mib=0.05)
         got = model.state_dict()
         assert [k for k in want if not torch.equal(u8(got[k]), u8(want[k]))] == []
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpt_oss_experts_are_fp8_with_biases_and_clamped_swiglu(tmp_path, scheme):
+    """gpt-oss's experts (transposed, interleaved gate/up, biases, clamped SwiGLU) are FP8: each expert's slice is the
+    hand-quantized transpose, the biases are kept exactly, logits within the bound."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from fp8stream.modules import FP8GptOssExperts
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
+                       max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
+                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.02).mul_(1 + 4 * torch.rand(*p.shape[:-2], 1, p.shape[-1]))
+    ref = ref.to(torch.bfloat16).eval()
+    ref.save_pretrained(tmp_path)
+    model = fp8stream.load(tmp_path, device="cpu", scheme=scheme, progress=False, staging_mib=0.6 if scheme == "fp8_per_block" else 0.02)
+    ref_params = dict(ref.named_parameters())
+    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, FP8GptOssExperts)]
+    assert len(experts) == 2
+    for name, mod in experts:
+        for attr in ("gate_up_proj", "down_proj"):
+            w = ref_params[f"{name}.{attr}"].detach()
+            for e in range(w.shape[0]):
+                q, s = _reference(w[e].t().contiguous(), scheme, whole=w)
+                assert torch.equal(getattr(mod, attr)[e].view(torch.uint8), q.view(torch.uint8)), (name, attr, e)
+                assert torch.equal(getattr(mod, f"{attr}_scale")[e].reshape(s.shape), s)
+            assert torch.equal(getattr(mod, f"{attr}_bias"), ref_params[f"{name}.{attr}_bias"])
+    assert model.fp8stream_report.quantized_fraction > 0.99
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref(ids).logits) < LOGIT_REL_BOUND

@@ -185,6 +185,48 @@ class FP8DenseExperts(FP8Experts):
         return torch.stack(out).view(-1, self.hidden_dim)
 
 
+class FP8GptOssExperts(FP8Experts):
+    """Drop-in for gpt-oss's experts: stored transposed (gate_up_proj [E, H, 2I] with gate and up interleaved by column,
+    down_proj [E, I, H]), with biases, and a clamped SwiGLU (`_apply_gate` of the module it replaces, with its alpha and
+    limit); forward(hidden_states [T, H], router_indices [T, k], routing_weights [T, k]). FP8 in the standard layout;
+    the biases stay in the model dtype."""
+
+    transposed_source = True
+
+    def __init__(self, experts: nn.Module, scheme: str, dtype: torch.dtype, device="meta"):
+        nn.Module.__init__(self)
+        e, h, two_i = experts.gate_up_proj.shape
+        self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
+        self.expert_start, self.expert_parallel = 0, False
+        self.alpha, self.limit = experts.alpha, experts.limit
+        self._apply_gate = types.MethodType(type(experts)._apply_gate, self)
+        self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
+        self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
+        self.gate_up_proj_bias = _empty_param((e, two_i), dtype, device)
+        self.down_proj = _empty_param((e, h, two_i // 2), FP8_DTYPE, device)
+        self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
+        self.down_proj_bias = _empty_param((e, h), dtype, device)
+
+    def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        mask = torch.nn.functional.one_hot(router_indices, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, T]
+        for e in (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist():
+            top_k_pos, token_idx = torch.where(mask[e])
+            gate_up = fp8_linear(hidden_states[token_idx], self.gate_up_proj[e], self.gate_up_proj_scale[e], self.gate_up_proj_bias[e], self.scheme)
+            y = fp8_linear(self._apply_gate(gate_up), self.down_proj[e], self.down_proj_scale[e], self.down_proj_bias[e], self.scheme)
+            out.index_add_(0, token_idx, (y * routing_weights[token_idx, top_k_pos, None]).to(out.dtype))
+        return out
+
+
+def _is_gpt_oss_experts(module: nn.Module) -> bool:
+    gu, down = module.gate_up_proj, module.down_proj
+    e, h, two_i = gu.shape
+    bias_gu, bias_down = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
+    return (tuple(down.shape) == (e, two_i // 2, h) and callable(getattr(type(module), "_apply_gate", None))
+            and hasattr(module, "alpha") and hasattr(module, "limit") and isinstance(bias_gu, nn.Parameter)
+            and isinstance(bias_down, nn.Parameter) and tuple(bias_gu.shape) == (e, two_i) and tuple(bias_down.shape) == (e, h))
+
+
 def _is_dense_transposed_experts(module: nn.Module) -> bool:
     """Llama 4's experts layout and contract (see FP8DenseExperts)."""
     gu, down = module.gate_up_proj, module.down_proj
@@ -422,6 +464,8 @@ def replace_with_fp8(
             new = FP8Linear(n_in, n_out, module.bias is not None, scheme, dtype, transposed_source=conv1d)
         elif _is_dense_transposed_experts(module):
             new = FP8DenseExperts(module, scheme)
+        elif _is_gpt_oss_experts(module):
+            new = FP8GptOssExperts(module, scheme, dtype)
         else:
             _check_standard_experts(name, module)
             new = FP8Experts(module, scheme)
@@ -472,6 +516,9 @@ def coverage(model: nn.Module, deliberate: Iterable[str]) -> Coverage:
             seen.add(id(p))
             eligible += p.numel()
             if isinstance(module, (FP8Linear, FP8Experts)):
+                if p.dtype != FP8_DTYPE:  # an FP8 module's biases: not weights a user expects in FP8
+                    eligible -= p.numel()
+                    continue
                 quantized += p.numel()
             elif on_purpose:
                 kept_on_purpose += p.numel()
