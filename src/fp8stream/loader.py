@@ -261,6 +261,7 @@ def load(
     keep_sensitive: bool = False,
     fuse_gate_up: bool = True,
     allow_unquantized: bool = False,
+    cuda_graphs: bool = True,
 ):
     """Stream a Hugging Face checkpoint directory into an FP8 transformers model on `device`.
 
@@ -290,6 +291,9 @@ def load(
     can be stored in FP8 is refused (UnsupportedModelError naming the model type and the module classes fp8stream
     cannot quantize) unless `allow_unquantized`; the report's `quantized_fraction` is the FP8 share of the >= 2-D
     weights outside the embeddings, always.
+
+    `cuda_graphs` (CUDA, one device): `model.generate` uses a static KV cache and replays each decode step from a
+    CUDA graph captured on the first step (decode.py; no torch.compile). False keeps transformers' defaults.
     """
     t_call = time.perf_counter()  # load_seconds is the whole call, as the caller waits for it
     if scheme is not None and scheme not in SCHEMES:
@@ -447,6 +451,10 @@ def load(
         log.debug("[rank %d/%d] Peak device memory while loading weights: %.2f GiB", group.rank, group.world, report.peak_bytes / 2**30)
     model.config.dtype = dtype
     _attach_generation_config(model, path)
+    if cuda_graphs and dev.type == "cuda" and group is None:
+        from .decode import install
+
+        install(model)
     model.fp8stream_report = report
     report.load_seconds = time.perf_counter() - t_call
     log.info(report.summary())

@@ -1,0 +1,184 @@
+"""The default decode path (decode.py): transformers' generate with a static cache, each decode step
+through fp8stream's graph runner, gives the tokens of the eager path. On the CPU the runner runs
+without capturing (the same buffers, copied in each step, run eagerly); on CUDA it replays CUDA graphs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_models import make_checkpoint
+
+import fp8stream
+from fp8stream import decode
+
+CUDA = torch.cuda.is_available()
+ARCHS = ["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {a: make_checkpoint(a, tmp_path_factory.mktemp(a))[0] for a in ARCHS}
+
+
+def _prompts(batch: int, length: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, 250, (batch, length), generator=g)
+
+
+def _generate(model, ids, new, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0, **kw)
+
+
+def _assert_same_as_dynamic(model, ids, out, new):
+    """The tokens of transformers' eager path (dynamic cache): equal, or equal up to a step where the two
+    paths' logits agree within rounding and a bf16 near-tie flipped the argmax (a static cache's masked
+    attention rounds differently). Every step up to and including that one has close logits."""
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0, cache_implementation="dynamic", disable_compile=True,
+                             return_dict_in_generate=True, output_logits=True)
+        mine = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(mine.sequences, out)
+    for step, (a, b) in enumerate(zip(mine.logits, ref.logits)):
+        tol = 0.05 * b.abs().amax()
+        assert (a.float() - b.float()).abs().amax() <= tol, f"step {step}: logits differ"
+        if not torch.equal(mine.sequences[:, ids.shape[1] + step], ref.sequences[:, ids.shape[1] + step]):
+            top2 = b.float().topk(2, dim=-1).values
+            assert bool(((top2[:, 0] - top2[:, 1]) <= 2 * tol).all()), f"step {step}: a flip without a near-tie"
+            return
+
+
+def _route_through_runner_on_cpu(model):
+    """transformers only uses get_compiled_call on accelerators; its testing flag lets the CPU take it."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model.generation_config.compile_config = CompileConfig()
+    model.generation_config.compile_config._compile_all_devices = True
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_runner_gives_the_eager_tokens(checkpoints, arch, batch):
+    model = fp8stream.load(checkpoints[arch], device="cpu", progress=False)
+    assert getattr(model, "_fp8stream_graphs", None) is None  # load installs it on CUDA only
+    decode.install(model, capture=False)
+    assert model.generation_config.cache_implementation == "static"
+    _route_through_runner_on_cpu(model)
+    ids = _prompts(batch)
+    out = _generate(model, ids, 10)
+    stats = decode.graph_stats(model)
+    assert stats["graphs"] == 1 and stats["replays"] == 8 and stats["eager_steps"] == 0  # 9 decode steps: 1 first + 8 replays
+    same_cache = _generate(model, ids, 10, disable_compile=True)  # static cache, model.__call__ every step
+    assert torch.equal(out, same_cache)
+    if arch in ("llama", "qwen2"):  # MoE: a near-tie in the router flips an expert, and the logits with it
+        _assert_same_as_dynamic(model, ids, out, 10)
+    # a second call with the same shapes reuses the graph (the cache object may be a new one: then one more)
+    _generate(model, ids, 10)
+    assert decode.graph_stats(model)["eager_steps"] == 0
+
+
+def test_runner_keeps_the_models_own_cache_choice(checkpoints):
+    model = fp8stream.load(checkpoints["llama"], device="cpu", progress=False)
+    model.generation_config.cache_implementation = "dynamic"
+    decode.install(model, capture=False)
+    assert model.generation_config.cache_implementation == "dynamic"
+
+
+class _IntCache:
+    """A compilable-looking cache whose position is a Python int: a replay would not advance it."""
+
+    is_compileable = True
+
+    def __init__(self):
+        self.length = 0
+
+    def update(self, *a, **k):
+        pass
+
+    def get_seq_length(self):
+        return self.length
+
+
+class _IntModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, input_ids, past_key_values, **unused):
+        past_key_values.length += 1
+        return input_ids * self.w + past_key_values.length
+
+
+def test_python_level_cache_state_turns_graphs_off(caplog):
+    model = _IntModel()
+    runner = decode._GraphedSteps(model, capture=False)
+    cache = _IntCache()
+    with caplog.at_level(logging.WARNING, logger="fp8stream"):
+        first = runner(input_ids=torch.ones(1, 1), past_key_values=cache)
+        second = runner(input_ids=torch.ones(1, 1), past_key_values=cache)
+    assert runner.disabled is not None and "Python-level state" in caplog.text
+    assert first.item() == 2 and second.item() == 3  # eager from then on: every step advances the position
+    assert runner.stats["eager_steps"] == 1
+
+
+def test_moved_parameters_drop_the_graphs():
+    model = _IntModel()
+    runner = decode._GraphedSteps(model, capture=False)
+    runner.graphs[("k",)] = object()
+    runner.check_parameters()
+    assert runner.graphs  # nothing moved
+    model.w.data = torch.zeros(1)
+    runner.check_parameters()
+    assert not runner.graphs
+
+
+def test_long_steps_and_unknown_inputs_run_eagerly():
+    model = _IntModel()
+    runner = decode._GraphedSteps(model, capture=False)
+    runner(input_ids=torch.ones(1, 8), past_key_values=_IntCache())  # > MAX_GRAPH_TOKENS: a prefill chunk
+    runner(input_ids=torch.ones(1, 1), past_key_values=_IntCache(), extra=[1, 2])  # a list: not replayable
+    assert runner.stats["eager_steps"] == 2 and runner.stats["graphs"] == 0
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_decode_equals_eager(checkpoints, arch, batch):
+    model = fp8stream.load(checkpoints[arch], device="cuda", progress=False)
+    assert model.generation_config.cache_implementation == "static"
+    ids = _prompts(batch).cuda()
+    out = _generate(model, ids, 12)  # the default path
+    stats = decode.graph_stats(model)
+    assert stats["graphs"] == 1 and stats["replays"] == 10 and stats["eager_steps"] == 0, stats
+    eager_static = _generate(model, ids, 12, disable_compile=True)
+    assert torch.equal(out, eager_static)
+    if arch in ("llama", "qwen2"):
+        _assert_same_as_dynamic(model, ids, out, 12)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run on the device)")
+def test_cuda_generate_cli_reports_graphs(checkpoints, capsys):
+    from fp8stream.generation import generate_text
+
+    model = fp8stream.load(checkpoints["qwen3_moe"], device="cuda", progress=False)
+
+    class Tok:
+        chat_template, pad_token_id, eos_token_id = None, 0, None
+
+        def __call__(self, text, return_tensors):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(input_ids=torch.tensor([[5, 6, 7]]))
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids.tolist()))
+
+    stats: dict = {}
+    graphs = generate_text(model, Tok(), "x", 8, stats=stats)
+    assert stats["graphs"]["replays"] >= 6
+    assert generate_text(model, Tok(), "x", 8, decode="eager") == graphs
