@@ -113,7 +113,6 @@ class _GraphedSteps:
         self.capture = capture
         self.graphs: dict[tuple, _Graph] = {}
         self.cache_id: int | None = None
-        self.pool = None
         self.disabled: str | None = None
         self.params = self._param_ptrs()
         self.stats = {"graphs": 0, "capture_seconds": 0.0, "replays": 0, "eager_steps": 0}
@@ -215,11 +214,11 @@ class _GraphedSteps:
             return self._eager(kwargs)
         for c, s in zip(counters, saved):
             c.copy_(s)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        # Each graph keeps its own memory pool: a pool shared with graphs that were since dropped (a new cache)
+        # trips the caching allocator (torch 2.11: "use_count > 0" internal assert on the next capture).
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph):
                 out = self.model(**static_kwargs)
         except Exception as e:  # a host sync or an uncapturable op in the forward
             for c, s in zip(counters, saved):
