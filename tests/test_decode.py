@@ -80,9 +80,19 @@ def test_runner_gives_the_eager_tokens(checkpoints, arch, batch):
     assert torch.equal(out, same_cache)
     if arch in ("llama", "qwen2"):  # MoE: a near-tie in the router flips an expert, and the logits with it
         _assert_same_as_dynamic(model, ids, out, 10)
-    # a second call with the same shapes reuses the graph (the cache object may be a new one: then one more)
-    _generate(model, ids, 10)
-    assert decode.graph_stats(model)["eager_steps"] == 0
+    # a later call with the same shapes reuses the cache (reset) and the graph: no capture, the same tokens
+    replays = decode.graph_stats(model)["replays"]
+    assert torch.equal(_generate(model, ids, 10), out)
+    stats = decode.graph_stats(model)
+    assert stats["graphs"] == 1 and stats["replays"] == replays + 9 and stats["eager_steps"] == 0, stats
+    # a shorter call fits the kept cache (sized to the longest call so far): still no capture
+    assert torch.equal(_generate(model, ids, 4), out[:, : ids.shape[1] + 4])
+    assert decode.graph_stats(model)["graphs"] == 1
+    # a larger batch needs another cache, hence another graph; release() frees both
+    _generate(model, _prompts(batch + 1), 3)
+    assert decode.graph_stats(model)["graphs"] == 2
+    decode.release(model)
+    assert model._fp8stream_graphs.kept_cache is None and not model._fp8stream_graphs.graphs
 
 
 def test_runner_keeps_the_models_own_cache_choice(checkpoints):
@@ -160,6 +170,9 @@ def test_cuda_graph_decode_equals_eager(checkpoints, arch, batch):
     assert stats["graphs"] == 1 and stats["replays"] == 10 and stats["eager_steps"] == 0, stats
     eager_static = _generate(model, ids, 12, disable_compile=True)
     assert torch.equal(out, eager_static)
+    assert torch.equal(_generate(model, ids, 12), out)  # the kept cache and graph, replayed: no capture
+    stats = decode.graph_stats(model)
+    assert stats["graphs"] == 1 and stats["replays"] == 21 and stats["eager_steps"] == 0, stats
     if arch in ("llama", "qwen2"):
         _assert_same_as_dynamic(model, ids, out, 12)
 

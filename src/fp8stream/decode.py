@@ -50,11 +50,53 @@ def install(model: torch.nn.Module, *, capture: bool | None = None) -> None:
         return runner
 
     model.get_compiled_call = types.MethodType(get_compiled_call, model)
+    prepare = getattr(model, "_prepare_static_cache", None)
+    if prepare is not None:
+        model._prepare_static_cache = types.MethodType(_reusing_static_cache(runner, prepare), model)
     model.fp8stream_decode = "graphs"
     model._fp8stream_graphs = runner
     gc = getattr(model, "generation_config", None)
     if gc is not None and getattr(gc, "cache_implementation", None) is None and getattr(type(model), "_can_compile_fullgraph", False):
         gc.cache_implementation = "static"
+
+
+def _reusing_static_cache(runner: "_GraphedSteps", original):
+    """transformers' generate builds a new StaticCache in every call (5.x): graphs captured on the previous
+    one would write into its storage, so each call would capture again (~0.2-0.3 s on an 8B model, more than a
+    short answer's decoding). Hand back the previous call's cache instead, reset (keys / values zeroed, position
+    0), when its batch size and length are the ones this call gets (transformers sizes a static cache to the
+    longest call so far, so the length repeats); anything else gets a new cache, which replaces the kept one.
+    As with transformers 4's reused cache, a `past_key_values` returned by one call is reset by the next."""
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        chunked = (args[0] if args else kwargs.get("prefill_chunk_size")) is not None
+        plain = (cache_implementation == "static" and not chunked and not self.config.is_encoder_decoder
+                 and getattr(self, "fp8stream_decode", "graphs") == "graphs")
+        length = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
+        kept = runner.kept_cache
+        if plain and kept is not None and kept[0] == (batch_size, length):
+            cache = kept[1]
+            sizes = {getattr(layer, "batch_size", batch_size) for layer in getattr(cache, "layers", [])
+                     if getattr(layer, "is_initialized", False)}
+            if sizes <= {batch_size}:
+                cache.reset()
+                self._previous_max_cache_length = length
+                return cache
+        cache = original(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+        runner.kept_cache = ((batch_size, length), cache) if plain else None
+        return cache
+
+    return _prepare_static_cache
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free what the decode runner keeps between generate calls: its graphs (their memory pools) and the
+    reused KV cache. The next generate call builds and captures again."""
+    runner = getattr(model, "_fp8stream_graphs", None)
+    if runner is not None:
+        runner.graphs.clear()
+        runner.kept_cache = None
+        runner.cache = None
 
 
 def graph_stats(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -112,7 +154,8 @@ class _GraphedSteps:
         self.model = model
         self.capture = capture
         self.graphs: dict[tuple, _Graph] = {}
-        self.cache_id: int | None = None
+        self.cache: Any = None  # the cache the graphs write into (held: an id() of a freed one could repeat)
+        self.kept_cache: tuple[tuple[int, int], Any] | None = None  # ((batch, length), cache) for the next call
         self.disabled: str | None = None
         self.params = self._param_ptrs()
         self.stats = {"graphs": 0, "capture_seconds": 0.0, "replays": 0, "eager_steps": 0}
@@ -157,9 +200,9 @@ class _GraphedSteps:
         cache = caches[0]
         if not getattr(cache, "is_compileable", False):
             return self._eager(kwargs)
-        if id(cache) != self.cache_id:  # a new cache: graphs of the old one would write into its storage
+        if cache is not self.cache:  # a new cache: graphs of the old one would write into its storage
             self.graphs.clear()
-            self.cache_id = id(cache)
+            self.cache = cache
         key = (tuple((p, tuple(t.shape), t.dtype, t.device) for p, t in tensors), tuple(rest))
         g = self.graphs.get(key)
         if g is None:
