@@ -195,7 +195,8 @@ def main(argv=None) -> int:
                     rec.update(json.loads(line[-1][7:]))
                 else:
                     rec["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][-400:]
-                (out / f"{v}-{rep}.log").write_text(p.stdout + p.stderr)
+                with open(out / "workers.log", "a") as f:  # one file: the device returns at most 8
+                    f.write(f"==== {v} rep {rep} rc {p.returncode}\n{p.stdout}{p.stderr}\n")
             except subprocess.TimeoutExpired:
                 rec["error"] = f"timed out after {args.worker_timeout_s} s"
             records.append(rec)
