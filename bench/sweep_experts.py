@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infer import _quantize_weight  # noqa: E402
 from sweep_gemv import best_config, emit, time_graph  # noqa: E402
 
+from fp8stream import _kernel_caps  # noqa: E402
 from fp8stream import kernels as K  # noqa: E402
 
 SHAPES = {"qwen1.5-moe": (60, 4, 2048, 1408), "qwen3-30b": (128, 8, 2048, 768)}  # E, top-k, H, I
@@ -57,12 +58,12 @@ def main(argv=None) -> int:
                     return [lambda w=w, r=r: run(x, r[0], r[1], *w[:2], *w[2:], act, scheme, caps_) for w, r in zip(layers, routes)]
 
                 rec["decode_us"] = time_graph(fns(caps))
-                gemv_max = K.MOE_GEMV_MAX_T
-                K.MOE_GEMV_MAX_T = 0  # the grouped W8A8 path at this size
+                gemv_max = _kernel_caps.MOE_GEMV_MAX_T
+                _kernel_caps.MOE_GEMV_MAX_T = 0  # the grouped W8A8 path at this size
                 try:
                     rec["grouped_w8a8_us"] = time_graph(fns(caps))
                 finally:
-                    K.MOE_GEMV_MAX_T = gemv_max
+                    _kernel_caps.MOE_GEMV_MAX_T = gemv_max
                 # the two kernels alone, default tiles and the grid
                 ids = [r[0].reshape(-1) for r in routes]
                 rws = [r[1].reshape(-1).contiguous() for r in routes]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from fp8stream import _kernel_caps
 from fp8stream import kernels as K
 from fp8stream.modules import FP8Experts, FP8Linear, fp8_linear
 from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation
@@ -189,7 +190,7 @@ def test_linear_passes_the_accumulation_choice_to_scaled_mm(fast, monkeypatch):
         return (a.float() * scale_a) @ (b.float() * scale_b)
 
     monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
-    monkeypatch.setattr(K, "FAST_ACCUM", fast)
+    monkeypatch.setattr(_kernel_caps, "FAST_ACCUM", fast)
     for scheme in ("fp8_per_channel", "fp8_per_tensor"):
         q, s = _quantize_weight(torch.randn(32, 64), scheme)
         x = torch.randn(40, 64, dtype=torch.bfloat16)
@@ -263,7 +264,7 @@ def test_compiled_row_quantization_goes_through_the_one_pass_op(monkeypatch):
 
     assert sum("quant_rows" in op for op in _traced_ops(experts, x, idx, wts)) == 2  # gathered rows, silu(gate) * up
     assert sum("quant_rows" in op for op in _traced_ops(down, gate_up)) == 1
-    monkeypatch.setattr(K, "_COMPILED_ROW_QUANT", "inductor")
+    monkeypatch.setattr(_kernel_caps, "_COMPILED_ROW_QUANT", "inductor")
     assert not any("quant_rows" in op for op in _traced_ops(experts, x, idx, wts) + _traced_ops(down, gate_up))
 
 
@@ -469,9 +470,9 @@ def test_cuda_one_pass_row_quant_equals_two_pass(k, monkeypatch):
     for kw in cases:
         xs = x if kw.get("act") else x[:, :k]
         one = K.quant_triton(xs, "row", **kw)
-        monkeypatch.setattr(K, "QUANT_ONE_PASS_MAX_K", 0)
+        monkeypatch.setattr(_kernel_caps, "QUANT_ONE_PASS_MAX_K", 0)
         two = K.quant_triton(xs, "row", **kw)
-        monkeypatch.setattr(K, "QUANT_ONE_PASS_MAX_K", 16384)
+        monkeypatch.setattr(_kernel_caps, "QUANT_ONE_PASS_MAX_K", 16384)
         assert torch.equal(one[0].view(torch.uint8), two[0].view(torch.uint8)) and torch.equal(one[1], two[1]), kw
 
 
@@ -550,10 +551,10 @@ def test_cuda_linear_fast_matches_reference(scheme, m, nk, monkeypatch):
         assert c.triton_gemv
         assert K.linear_fast(x, q, s, bias, scheme, c._replace(triton_gemv=False)) is None
     elif c.triton_gemm:  # the opt-in Triton GEMM for rowwise schemes (FP8STREAM_TRITON_MAX_M)
-        monkeypatch.setattr(K, "_TRITON_MAX_M", 1 << 30)
+        monkeypatch.setattr(_kernel_caps, "_TRITON_MAX_M", 1 << 30)
         y = K.linear_fast(x, q, s, bias, scheme, c)
         assert y.dtype == torch.bfloat16 and _rel(y, ref) < 1e-2, "triton small-M"
-        monkeypatch.setattr(K, "_TRITON_MAX_M", 0)
+        monkeypatch.setattr(_kernel_caps, "_TRITON_MAX_M", 0)
     y = fp8_linear(x.view(1, m, k), q, s, bias, scheme)  # the module's entry point
     assert y.shape == (1, m, n) and _rel(y.view(m, n), ref) < 1e-2
 
@@ -586,7 +587,7 @@ def test_cuda_fast_accumulation_error_is_small(k, monkeypatch):
     exact = x.double() @ w.cuda().double().t()
     errs = {}
     for fast in (True, False):
-        monkeypatch.setattr(K, "FAST_ACCUM", fast)
+        monkeypatch.setattr(_kernel_caps, "FAST_ACCUM", fast)
         y = K.linear_fast(x, q, s, None, "fp8_per_channel", c._replace(triton_quant=False))
         errs[fast] = (_rel(y, exact_codes), _rel(y, exact))
     print(k, errs)
