@@ -16,7 +16,7 @@ change), top1 (agreement with bf16), kl (mean KL(bf16 || option), nats).
 Calibrated options (GPTQ rounding of the same per-channel fp8 weights, fp8stream.calibrate, layer by layer on
 --calib-text, default the GPL-3 text, which does not overlap the eval text; --calib-tokens in windows of
 --calib-context, defaults those of export --calibrate): gptq_token (W8A8 per token, the default's activations,
-damping calibrate.DAMP = 0.1), gptq_w8a16, gptq_noorder_token (no act-order), gptq_damp0.1_token,
+damping gptq.DAMP = 0.1), gptq_w8a16, gptq_noorder_token (no act-order), gptq_damp0.1_token,
 gptq_damp0.01_token (the damping before 2026-11-26 session 5), gptq_fp8x2 (activations as fp8 hi +
 fp8 residual), gptq_group128 (1x128 activation groups), gptq_smooth0.5_token (SmoothQuant alpha 0.5 + GPTQ),
 smooth0.5_token, fp8x2 (no GPTQ); any of them + "+keep_layers:0,29" keeps those decoder layers in bf16.
@@ -37,7 +37,7 @@ from torch import nn
 
 from fp8stream.calibrate import CALIB_CONTEXT, CALIB_TOKENS
 from fp8stream.demo import demo_checkpoint
-from fp8stream.quantize import FP8_DTYPE, FP8_MAX, dequantize_activation, quantize_activation, quantize_rows, scale_from_amax
+from fp8stream.quantize import FP8_DTYPE, FP8_MAX, dequantize_activation, quantize_activation, quantize_rows, round_fp8, scale_from_amax
 
 
 def wq_channel(w):
@@ -106,7 +106,8 @@ GPTQ = {
 
 def calibrated(model, name, calib_windows):
     """Replace the decoder Linears of `model` (in place) by GPTQ-rounded fake-quant ones; returns their count."""
-    from fp8stream.calibrate import calibrate_decoder, capture_layer_inputs, gptq_fp8, round_fp8
+    from fp8stream.calibrate import calibrate_decoder, capture_layer_inputs
+    from fp8stream.gptq import gptq_fp8
 
     base, _, extra = name.partition("+")
     cfg = dict(GPTQ[base])

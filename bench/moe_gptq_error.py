@@ -3,7 +3,7 @@
 No real MoE checkpoint exists offline, so this measures the rounding itself, not a real model's perplexity:
 for each architecture a tiny checkpoint (tests/tiny_models.py) is exported plainly and with --calibrate on
 --calib-tokens random token ids (the test suite's CALIB), both are loaded with fp8stream.load, and for every
-expert of every layer the output error tr((W - Q) H (W - Q)^T) (calibrate.output_error) of its plain and its
+expert of every layer the output error tr((W - Q) H (W - Q)^T) (gptq.output_error) of its plain and its
 GPTQ codes is computed on
   calib:    the expert's own calibration H (its routed inputs in the calibrated model: what GPTQ minimised;
             for down, act(gate) * up through the GPTQ gate_up), and
@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import fp8stream  # noqa: E402
-from fp8stream.calibrate import EXPERT_TOKENS_PER_INPUT, RoutedInputs, expert_hessian, expert_tokens, gptq_fp8, output_error  # noqa: E402
+from fp8stream.calibrate import EXPERT_TOKENS_PER_INPUT, RoutedInputs, expert_hessian, expert_tokens  # noqa: E402
+from fp8stream.gptq import gptq_fp8, output_error  # noqa: E402
 from fp8stream.modules import FP8Experts  # noqa: E402
 from fp8stream.quantize import dequantize, expand_block_scale  # noqa: E402
 from tiny_models import make_checkpoint  # noqa: E402

@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import fp8stream  # noqa: E402
 from fp8stream.checkpoint import Checkpoint  # noqa: E402
-from fp8stream.load_plan import build_meta_model, build_plan  # noqa: E402
+from fp8stream.load_plan import build_plan  # noqa: E402
 from fp8stream.loader import _load_config  # noqa: E402
+from fp8stream.meta_model import build_meta_model  # noqa: E402
 from fp8stream.modules import replace_with_fp8  # noqa: E402
 
 out = {}

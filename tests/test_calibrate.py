@@ -1,4 +1,4 @@
-"""Calibrated (GPTQ) FP8 rounding: the column loop (calibrate.gptq_fp8) and `export --calibrate`.
+"""Calibrated (GPTQ) FP8 rounding: the column loop (gptq.gptq_fp8) and `export --calibrate`.
 
 Checked: the codes are valid fp8 on the same scales; they lower the output error ||(W - Q) X|| on the
 calibration inputs below plain rounding (and equal plain rounding when the inputs are uncorrelated);
@@ -16,11 +16,12 @@ from torch import nn
 
 import fp8stream
 from fp8stream.calibrate import (EXPERT_TOKENS_PER_INPUT, RoutedInputs, _scales, calibrate_decoder,
-                                 capture_layer_inputs, expert_hessian, expert_tokens, gptq_fp8, output_error, round_fp8)
+                                 capture_layer_inputs, expert_hessian, expert_tokens)
 from fp8stream.cli import main
 from fp8stream.errors import Fp8StreamError
+from fp8stream.gptq import gptq_fp8, output_error
 from fp8stream.modules import FP8Experts, FP8Linear
-from fp8stream.quantize import FP8_MAX, expand_block_scale, scale_from_amax
+from fp8stream.quantize import FP8_MAX, expand_block_scale, round_fp8, scale_from_amax
 from tiny_models import make_checkpoint
 
 CALIB = torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(1))  # 2 windows of the tiny models' 256

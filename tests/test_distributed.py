@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fp8stream
-from fp8stream.load_plan import build_meta_model
+from fp8stream.meta_model import build_meta_model
 from fp8stream.modules import replace_with_fp8
 from fp8stream.parallel import Shard, local_plan, plan_layout
 from fp8stream.load_plan import Piece, TargetPlan

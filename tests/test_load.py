@@ -352,7 +352,7 @@ def test_keep_sensitive_keeps_first_and_last_layer(checkpoints):
 
 
 def test_sensitive_modules_are_the_first_and_last_layer_only():
-    from fp8stream.load_plan import build_meta_model
+    from fp8stream.meta_model import build_meta_model
     from fp8stream.modules import sensitive_modules
     from tiny_models import COMMON, CONFIGS
     from transformers import AutoConfig

@@ -1,4 +1,4 @@
-"""build_plan renames a checkpoint key once per key shape and reuses it for the other numbers (load_plan._Renamer):
+"""build_plan renames a checkpoint key once per key shape and reuses it for the other numbers (_renames._Renamer):
 the plans and every error must be exactly those of renaming each key with transformers."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp8stream import load_plan
+from fp8stream import _renames, load_plan
 from fp8stream.checkpoint import Checkpoint
 from fp8stream.errors import Fp8StreamError
-from fp8stream.load_plan import build_meta_model, build_plan
+from fp8stream.load_plan import build_plan
 from fp8stream.loader import _load_config
+from fp8stream.meta_model import build_meta_model
 from tiny_models import make_checkpoint
 
 # several layers and experts: most keys share their shape with an earlier key
@@ -47,16 +48,16 @@ def _plans(model, ckpt) -> dict:
     return {name: dataclasses.astuple(plan) for name, plan in build_plan(model, ckpt).items()}
 
 
-def _renamer(model) -> load_plan._Renamer:
+def _renamer(model) -> _renames._Renamer:
     renamings, converters = load_plan._conversions(model)
-    return load_plan._Renamer(renamings, converters, model.base_model_prefix, dict(model.state_dict(keep_vars=True)))
+    return _renames._Renamer(renamings, converters, model.base_model_prefix, dict(model.state_dict(keep_vars=True)))
 
 
 @pytest.mark.parametrize("arch", list(MANY))
 def test_reuse_gives_the_plans_of_renaming_every_key(many, arch, monkeypatch):
     model, ckpt = many(arch)
     reused = _plans(model, ckpt)
-    monkeypatch.setattr(load_plan, "_REUSE_RENAMES", False)
+    monkeypatch.setattr(_renames, "_REUSE_RENAMES", False)
     assert _plans(model, ckpt) == reused
 
 
@@ -130,7 +131,7 @@ def test_damaged_later_key_gives_the_same_error(many, arch, key, damage, fragmen
         return type(e.value), str(e.value)
 
     reused = error()
-    monkeypatch.setattr(load_plan, "_REUSE_RENAMES", False)
+    monkeypatch.setattr(_renames, "_REUSE_RENAMES", False)
     assert error() == reused
     assert fragment in reused[1], reused[1]
 
@@ -160,7 +161,7 @@ def _renamings(*pairs):
 ])
 def test_renamings_that_see_numbers_are_not_reused(pairs, reuse):
     """Hand-made renamings: reuse only where `_number_blind` holds, and always transformers' result."""
-    renamer = load_plan._Renamer(_renamings(*pairs), [], "model", {"model.layers.3.mlp.experts.0.w1.weight": 1})
+    renamer = _renames._Renamer(_renamings(*pairs), [], "model", {"model.layers.3.mlp.experts.0.w1.weight": 1})
     keys = _synthetic_keys()
     assert [renamer(k) for k in keys] == [renamer.exact(k) for k in keys]
     assert renamer.reuse == reuse and any(v is not None for v in renamer.shapes.values()) == reuse
@@ -173,7 +174,7 @@ def test_stateful_or_custom_renamings_turn_reuse_off():
     if hasattr(cml, "LayerPairCollapse"):  # transformers >= 5.24
         transforms.append(cml.LayerPairCollapse())
     for transform in transforms:
-        assert not load_plan._number_blind(transform)
+        assert not _renames._number_blind(transform)
 
 
 def _compiled_as(pairs, regexes):
@@ -191,10 +192,10 @@ def test_older_transformers_regexes_keep_reuse_and_stay_exact():
     Every key still gets transformers' own result."""
     ok = _compiled_as([("LayerNorm.gamma", "LayerNorm.weight"), (".weight_g$", ".parametrizations.weight.original0"), (".ffn.", ".mlp.")],
                       [r"(?P<g0>LayerNorm.gamma)", r"(?P<g0>.weight_g$)", r"(?P<g0>.ffn.)"])
-    assert all(load_plan._number_blind(t) for t in ok)
+    assert all(_renames._number_blind(t) for t in ok)
     glued = _compiled_as([("LayerNorm.gamma", "LayerNorm.")], [r"(?P<g0>LayerNorm.gamma)"])  # 'gamma5' -> 'LayerNorm.5'
-    assert not load_plan._number_blind(glued[0])
-    renamer = load_plan._Renamer(ok, [], "model", {"model.layers.3.mlp.experts.0.w1.weight": 1})
+    assert not _renames._number_blind(glued[0])
+    renamer = _renames._Renamer(ok, [], "model", {"model.layers.3.mlp.experts.0.w1.weight": 1})
     keys = _synthetic_keys() + [f"layers.{i}.LayerNorm.gamma{j}.x{i + 1}" for i in (0, 3, 5) for j in (0, 5, 7)] + [
         f"h.{i}.conv.weight_g" for i in (0, 1, 12)] + [f"h.{i}.conv.weight_g.{i + 1}" for i in (0, 1, 12)]
     assert [renamer(k) for k in keys] == [renamer.exact(k) for k in keys]
@@ -206,7 +207,7 @@ def test_meta_model_skips_torch_init_on_meta_only(monkeypatch):
     __init__), still initialise real tensors inside the build (constructors' buffers), and are restored after."""
     from torch import nn
 
-    from fp8stream.load_plan import _no_init_weights
+    from fp8stream.meta_model import _no_init_weights
     from tiny_models import make_config  # noqa: E402
 
     calls = []

@@ -390,7 +390,8 @@ def test_chunk_requests_cover_exactly_the_planned_rows(tmp_path):
     destination order, as a scan over every piece gives them."""
     import random
 
-    from fp8stream.load_plan import build_meta_model, build_plan
+    from fp8stream.load_plan import build_plan
+    from fp8stream.meta_model import build_meta_model
 
     path, _ = make_checkpoint("qwen2_moe", tmp_path / "m")
     ckpt = Checkpoint(path)

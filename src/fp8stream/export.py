@@ -35,7 +35,8 @@ import torch
 from .calibrate import CALIB_CONTEXT, CALIB_TOKENS
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
-from .load_plan import build_meta_model, build_plan
+from .load_plan import build_plan
+from .meta_model import build_meta_model
 from .modules import replace_with_fp8
 from .quantize import BLOCK, SCHEMES, quantize_blocks, quantize_rows, scale_from_amax, tensor_amax
 from .report import progress_bar

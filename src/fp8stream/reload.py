@@ -25,9 +25,10 @@ import torch
 
 from .checkpoint import DEFAULT_READ_THREADS, FLOAT_SOURCE_DTYPES, Checkpoint, TensorInfo
 from .errors import CheckpointError, Fp8StreamError
-from .load_plan import Piece, TargetPlan, build_meta_model, build_plan
+from .load_plan import Piece, TargetPlan, build_plan
 from .loader import _LoadState, _targets
 from .memory import MemoryLedger
+from .meta_model import build_meta_model
 from .parallel import local_plan
 from .quantize import BLOCK
 from .report import LoadReport
