@@ -182,19 +182,40 @@ def test_cuda_generate_cli_reports_graphs(checkpoints, capsys):
     from fp8stream.generation import generate_text
 
     model = fp8stream.load(checkpoints["qwen3_moe"], device="cuda", progress=False)
-
-    class Tok:
-        chat_template, pad_token_id, eos_token_id = None, 0, None
-
-        def __call__(self, text, return_tensors):
-            from types import SimpleNamespace
-
-            return SimpleNamespace(input_ids=torch.tensor([[5, 6, 7]]))
-
-        def decode(self, ids, skip_special_tokens):
-            return " ".join(map(str, ids.tolist()))
-
     stats: dict = {}
-    graphs = generate_text(model, Tok(), "x", 8, stats=stats)
+    graphs = generate_text(model, _NumberTokenizer(), "x", 8, stats=stats)
     assert stats["graphs"]["replays"] >= 6
-    assert generate_text(model, Tok(), "x", 8, decode="eager") == graphs
+    assert generate_text(model, _NumberTokenizer(), "x", 8, decode="eager") == graphs
+
+
+class _NumberTokenizer:
+    """The smallest tokenizer generate_text needs: a fixed 3-token prompt, ids printed as numbers."""
+
+    chat_template, pad_token_id, eos_token_id = None, 0, None
+
+    def __call__(self, text, return_tensors):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[5, 6, 7]]))
+
+    def decode(self, ids, skip_special_tokens):
+        return " ".join(map(str, ids.tolist()))
+
+
+def test_generate_reports_the_time_to_the_first_token(checkpoints):
+    import time
+
+    from fp8stream.cli import _generate_summary
+    from fp8stream.generation import generate_text, process_start
+
+    model = fp8stream.load(checkpoints["llama"], device="cpu", progress=False)
+    stats: dict = {}
+    text = generate_text(model, _NumberTokenizer(), "x", 6, decode="eager", stats=stats)
+    # the streamer that times the first token changes no token
+    assert text == generate_text(model, _NumberTokenizer(), "x", 6, decode="eager")
+    assert 0 < stats["first_token_seconds"] <= stats["seconds"], stats
+    started = time.time() - process_start()  # this process (pytest) has run longer than the generate call
+    assert stats["first_token_seconds"] < stats["first_token_since_process_start"] < started, (stats, started)
+    line = _generate_summary(stats)
+    assert f"first token {stats['first_token_seconds']:.2f} s into generate" in line
+    assert "after the process started" in line

@@ -215,6 +215,10 @@ def _run(args) -> int:
 def _generate_summary(stats: dict) -> str:
     line = (f"generated {stats['new_tokens']} tokens in {stats['seconds']:.2f} s "
             f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tok/s, prefill included), decode: {stats['decode']}")
+    if stats.get("first_token_seconds") is not None:
+        line += f"; first token {stats['first_token_seconds']:.2f} s into generate"
+        if stats.get("first_token_since_process_start") is not None:
+            line += f", {stats['first_token_since_process_start']:.2f} s after the process started"
     g = stats.get("graphs")
     if g is not None:
         line += (f" ({g['graphs']} CUDA graph(s) captured in {g['capture_seconds']:.2f} s, {g['replays']} replays, "

@@ -38,6 +38,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
         kw["disable_compile"] = True
     if previous is not None:
         model.fp8stream_decode = "compile" if decode == "compile" else "graphs"
+    if stats is not None:
+        kw["streamer"] = first = _FirstToken()
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
@@ -51,8 +53,45 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
     if stats is not None:
         from .decode import graph_stats
 
-        stats.update(new_tokens=int(new.numel()), seconds=time.perf_counter() - t0, decode=decode)
+        stats.update(new_tokens=int(new.numel()), seconds=time.perf_counter() - t0, decode=decode,
+                     first_token_seconds=None if first.at is None else first.at - t0,
+                     first_token_since_process_start=None if first.wall is None or process_start() is None
+                     else first.wall - process_start())
         g = graph_stats(model)
         if g is not None and decode == "graphs":
             stats["graphs"] = g
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+class _FirstToken:
+    """A transformers streamer that only notes when the first new token reached the host (generate's first put is
+    the prompt, the second the first token; each put is a tensor already copied to the CPU by generate)."""
+
+    def __init__(self):
+        self.puts, self.at, self.wall = 0, None, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            import time
+
+            self.at, self.wall = time.perf_counter(), time.time()
+
+    def end(self) -> None:
+        pass
+
+
+def process_start() -> float | None:
+    """This process's start (epoch seconds, 10 ms resolution) from /proc on Linux, else None: a user's time to the
+    first token counts the interpreter start and every import too."""
+    import os
+    import time
+
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])  # seconds since boot, 10 ms resolution (/proc/stat's btime has 1 s)
+        return time.time() - (up - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
