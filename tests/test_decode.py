@@ -177,17 +177,6 @@ def test_cuda_graph_decode_equals_eager(checkpoints, arch, batch):
         _assert_same_as_dynamic(model, ids, out, 12)
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run on the device)")
-def test_cuda_generate_cli_reports_graphs(checkpoints, capsys):
-    from fp8stream.generation import generate_text
-
-    model = fp8stream.load(checkpoints["qwen3_moe"], device="cuda", progress=False)
-    stats: dict = {}
-    graphs = generate_text(model, _NumberTokenizer(), "x", 8, stats=stats)
-    assert stats["graphs"]["replays"] >= 6
-    assert generate_text(model, _NumberTokenizer(), "x", 8, decode="eager") == graphs
-
-
 class _NumberTokenizer:
     """The smallest tokenizer generate_text needs: a fixed 3-token prompt, ids printed as numbers."""
 
@@ -200,6 +189,17 @@ class _NumberTokenizer:
 
     def decode(self, ids, skip_special_tokens):
         return " ".join(map(str, ids.tolist()))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run on the device)")
+def test_cuda_generate_cli_reports_graphs(checkpoints, capsys):
+    from fp8stream.generation import generate_text
+
+    model = fp8stream.load(checkpoints["qwen3_moe"], device="cuda", progress=False)
+    stats: dict = {}
+    graphs = generate_text(model, _NumberTokenizer(), "x", 8, stats=stats)
+    assert stats["graphs"]["replays"] >= 6
+    assert generate_text(model, _NumberTokenizer(), "x", 8, decode="eager") == graphs
 
 
 def test_generate_reports_the_time_to_the_first_token(checkpoints):

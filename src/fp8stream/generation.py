@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 DECODE_MODES = ("graphs", "compile", "eager")
 
 
@@ -12,9 +15,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
     decode: "graphs" (default): the model's own generate defaults; a CUDA model from fp8stream.load has a
     static cache and CUDA-graph decode steps (decode.py). "compile": transformers' static-cache recipe,
     the decode step torch.compile'd (mode reduce-overhead) on CUDA. "eager": a dynamic cache, no graphs,
-    no compilation. `stats`, when given, receives new_tokens, seconds and (graphs) what the runner did."""
-    import time
-
+    no compilation. `stats`, when given, receives new_tokens, seconds, the first token's time and (graphs) what
+    the runner did."""
     import torch
 
     if decode not in DECODE_MODES:
@@ -53,10 +55,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
     if stats is not None:
         from .decode import graph_stats
 
+        started = process_start()
         stats.update(new_tokens=int(new.numel()), seconds=time.perf_counter() - t0, decode=decode,
                      first_token_seconds=None if first.at is None else first.at - t0,
-                     first_token_since_process_start=None if first.wall is None or process_start() is None
-                     else first.wall - process_start())
+                     first_token_since_process_start=None if first.wall is None or started is None else first.wall - started)
         g = graph_stats(model)
         if g is not None and decode == "graphs":
             stats["graphs"] = g
@@ -73,8 +75,6 @@ class _FirstToken:
     def put(self, value) -> None:
         self.puts += 1
         if self.puts == 2:
-            import time
-
             self.at, self.wall = time.perf_counter(), time.time()
 
     def end(self) -> None:
@@ -84,9 +84,6 @@ class _FirstToken:
 def process_start() -> float | None:
     """This process's start (epoch seconds, 10 ms resolution) from /proc on Linux, else None: a user's time to the
     first token counts the interpreter start and every import too."""
-    import os
-    import time
-
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
