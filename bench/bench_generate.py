@@ -7,8 +7,10 @@ Variants (random weights from bench/configs/<model>; the same shapes, kept modul
   bf16           transformers from_config on the GPU, model.generate as is (dynamic cache, eager)
   bf16_compiled  the same model, generate(cache_implementation="static"): transformers compiles the decode
                  step (torch.compile, mode reduce-overhead)
-  fp8            fp8stream.load(load_format="dummy"), model.generate as is: fp8stream's default (static
-                 cache, each decode step replayed from a CUDA graph captured on the first)
+  fp8            fp8stream.load(load_format="dummy"), model.generate as is: fp8stream's default (its own decode
+                 loop: static cache, the whole step one CUDA graph, no per-step host sync; decode_loop.py)
+  fp8_hf_loop    the same FP8 model, generate(return_dict_in_generate=True): an option the own loop does not
+                 take, so transformers' loop runs, each forward replayed from a CUDA graph (decode.py)
   fp8_eager      the same FP8 model, generate(cache_implementation="dynamic", disable_compile=True)
 
 Each (variant, repetition) is a fresh worker process; repetitions are interleaved (rep 1 of every variant,
@@ -34,7 +36,7 @@ from pathlib import Path
 T_START = time.time()
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bench" / "configs"
-VARIANTS = ("bf16", "bf16_compiled", "fp8", "fp8_eager")
+VARIANTS = ("bf16", "bf16_compiled", "fp8", "fp8_hf_loop", "fp8_eager")
 
 
 def _config_dir(model: str, layers: int | None, root: Path) -> str:
@@ -72,12 +74,14 @@ def worker(spec: dict) -> dict:
     sync()
     rec = {"build_s": time.perf_counter() - t0}
     kw = {"bf16": {}, "fp8": {}, "bf16_compiled": {"cache_implementation": "static"},
+          "fp8_hf_loop": {"return_dict_in_generate": True},
           "fp8_eager": {"cache_implementation": "dynamic", "disable_compile": True}}[variant]
 
     def generate(ids, new):
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                                  do_sample=False, pad_token_id=0, **kw)
+        out = getattr(out, "sequences", out)
         sync()
         assert out.shape[1] - ids.shape[1] == new, out.shape
         return out

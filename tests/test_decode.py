@@ -33,6 +33,12 @@ def _generate(model, ids, new, **kw):
                               do_sample=False, pad_token_id=0, **kw)
 
 
+def _generate_in_transformers_loop(model, ids, new, **kw):
+    """An option fp8stream's own loop does not take (return_dict_in_generate): transformers' generate runs the
+    call, each decode step through the graph runner."""
+    return _generate(model, ids, new, return_dict_in_generate=True, **kw).sequences
+
+
 def _assert_same_as_dynamic(model, ids, out, new):
     """The tokens of transformers' eager path (dynamic cache): equal, or equal up to a step where the two
     paths' logits agree within rounding and a bf16 near-tie flipped the argmax (a static cache's masked
@@ -69,7 +75,7 @@ def _route_through_runner_on_cpu(model):
 def test_runner_gives_the_eager_tokens(checkpoints, arch, batch):
     model = fp8stream.load(checkpoints[arch], device="cpu", progress=False)
     assert getattr(model, "_fp8stream_graphs", None) is None  # load installs it on CUDA only
-    decode.install(model, capture=False)
+    decode.install(model, capture=False, own_loop=False)  # transformers' loop (own loop: test_decode_loop.py)
     assert model.generation_config.cache_implementation == "static"
     _route_through_runner_on_cpu(model)
     ids = _prompts(batch)
@@ -165,12 +171,13 @@ def test_cuda_graph_decode_equals_eager(checkpoints, arch, batch):
     model = fp8stream.load(checkpoints[arch], device="cuda", progress=False)
     assert model.generation_config.cache_implementation == "static"
     ids = _prompts(batch).cuda()
-    out = _generate(model, ids, 12)  # the default path
+    out = _generate_in_transformers_loop(model, ids, 12)
     stats = decode.graph_stats(model)
     assert stats["graphs"] == 1 and stats["replays"] == 10 and stats["eager_steps"] == 0, stats
+    assert stats["fallback"].startswith("generation option return_dict_in_generate")
     eager_static = _generate(model, ids, 12, disable_compile=True)
     assert torch.equal(out, eager_static)
-    assert torch.equal(_generate(model, ids, 12), out)  # the kept cache and graph, replayed: no capture
+    assert torch.equal(_generate_in_transformers_loop(model, ids, 12), out)  # the kept cache and graph: no capture
     stats = decode.graph_stats(model)
     assert stats["graphs"] == 1 and stats["replays"] == 21 and stats["eager_steps"] == 0, stats
     if arch in ("llama", "qwen2"):

@@ -32,15 +32,35 @@ MAX_GRAPH_TOKENS = 4
 MAX_GRAPHS = 8
 
 
-def install(model: torch.nn.Module, *, capture: bool | None = None) -> None:
+def install(model: torch.nn.Module, *, capture: bool | None = None, own_loop: bool = True) -> None:
     """Make `model.generate` decode through CUDA graphs by default (static cache + graph-captured steps).
 
-    Leaves a generation config that already names a cache implementation as it is; a model class that
-    transformers does not mark as compilable keeps the dynamic cache. `capture=False` runs the same
-    path without graphs (the step's inputs still go through the runner): the CPU tests use it."""
+    A plain greedy / sampling call runs fp8stream's own loop (decode_loop.py: the whole step in one graph, no
+    per-step host sync); any other call runs transformers' generate, each decode step replayed from a graph
+    of the forward. Leaves a generation config that already names a cache implementation as it is; a model
+    class that transformers does not mark as compilable keeps the dynamic cache. `capture=False` runs the
+    same paths without graphs (the CPU tests use it); `own_loop=False` always uses transformers' loop."""
     if capture is None:
         capture = next(model.parameters()).is_cuda
     runner = _GraphedSteps(model, capture)
+    if own_loop:
+        from .decode_loop import Loop, plan_call
+
+        runner.loop = loop = Loop(model, capture, runner.stats)
+        transformers_generate = model.generate
+
+        def generate(self, inputs=None, generation_config=None, **kwargs):
+            call = plan_call(self, inputs, generation_config, kwargs) if loop.cache_arg else "no cache argument"
+            if isinstance(call, str):
+                runner.stats["fallback"] = call
+                log.debug("fp8stream: transformers' generate runs this call: %s", call)
+                return transformers_generate(inputs=inputs, generation_config=generation_config, **kwargs)
+            runner.check_parameters()
+            with torch.no_grad():
+                return loop.run(call)
+
+        generate.__doc__ = transformers_generate.__doc__
+        model.generate = types.MethodType(generate, model)
     original = model.get_compiled_call
 
     def get_compiled_call(self, compile_config=None):
@@ -97,6 +117,8 @@ def release(model: torch.nn.Module) -> None:
         runner.graphs.clear()
         runner.kept_cache = None
         runner.cache = None
+        if runner.loop is not None:
+            runner.loop.release()
 
 
 def graph_stats(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -159,6 +181,7 @@ class _GraphedSteps:
         self.disabled: str | None = None
         self.params = self._param_ptrs()
         self.stats = {"graphs": 0, "capture_seconds": 0.0, "replays": 0, "eager_steps": 0}
+        self.loop = None  # decode_loop.Loop, when install gave the model fp8stream's own generate loop
 
     def _param_ptrs(self) -> tuple:
         return tuple(p.data_ptr() for p in self.model.parameters())
@@ -169,6 +192,8 @@ class _GraphedSteps:
         if ptrs != self.params:
             self.params = ptrs
             self.graphs.clear()
+            if self.loop is not None:
+                self.loop.release()
 
     def _eager(self, kwargs):
         self.stats["eager_steps"] += 1
