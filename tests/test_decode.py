@@ -205,7 +205,7 @@ def test_cuda_generate_cli_reports_graphs(checkpoints, capsys):
     model = fp8stream.load(checkpoints["qwen3_moe"], device="cuda", progress=False)
     stats: dict = {}
     graphs = generate_text(model, _NumberTokenizer(), "x", 8, stats=stats)
-    assert stats["graphs"]["replays"] >= 6
+    assert stats["graphs"]["replays"] >= 6 and stats["loop"] == "fp8stream", stats
     assert generate_text(model, _NumberTokenizer(), "x", 8, decode="eager") == graphs
 
 

@@ -115,6 +115,25 @@ def test_streamer_gets_the_prompt_then_each_token(models):
     assert torch.equal(torch.stack(s.puts[1:], 1), out[:, 7:])
 
 
+def test_generate_text_says_which_loop_ran(models):
+    from fp8stream.cli import _generate_summary
+    from fp8stream.generation import generate_text
+    from test_decode import _NumberTokenizer
+
+    model = models["llama"]
+    stats: dict = {}
+    text = generate_text(model, _NumberTokenizer(), "x", 6, stats=stats)
+    assert stats["loop"] == "fp8stream" and stats["first_token_seconds"] is not None
+    assert "fp8stream decode loop" in _generate_summary(stats)
+    assert text == generate_text(model, _NumberTokenizer(), "x", 6, decode="eager")  # transformers, dynamic cache
+    model.generation_config.cache_implementation = "dynamic"
+    try:
+        generate_text(model, _NumberTokenizer(), "x", 6, stats=stats)
+    finally:
+        model.generation_config.cache_implementation = "static"
+    assert stats["loop"] == "transformers (cache dynamic)"
+
+
 @pytest.mark.parametrize("option, reason", [
     ({"num_beams": 2}, "generation option num_beams=2"),
     ({"return_dict_in_generate": True}, "generation option return_dict_in_generate=True"),

@@ -221,6 +221,7 @@ def _generate_summary(stats: dict) -> str:
             line += f", {stats['first_token_since_process_start']:.2f} s after the process started"
     g = stats.get("graphs")
     if g is not None:
+        line += f"; {stats['loop']} decode loop"
         line += (f" ({g['graphs']} CUDA graph(s) captured in {g['capture_seconds']:.2f} s, {g['replays']} replays, "
                  f"{g['eager_steps']} eager steps)" if g["graphs"] or g["replays"] else f" (no graph: {g['eager_steps']} eager steps)")
     return line

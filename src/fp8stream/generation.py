@@ -41,7 +41,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
     if previous is not None:
         model.fp8stream_decode = "compile" if decode == "compile" else "graphs"
     if stats is not None:
+        from .decode import graph_stats
+
         kw["streamer"] = first = _FirstToken()
+        loop_calls = (graph_stats(model) or {}).get("loop_calls", 0)
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
@@ -53,8 +56,6 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
             model.fp8stream_decode = previous
     new = out[0, ids.shape[1]:]
     if stats is not None:
-        from .decode import graph_stats
-
         started = process_start()
         stats.update(new_tokens=int(new.numel()), seconds=time.perf_counter() - t0, decode=decode,
                      first_token_seconds=None if first.at is None else first.at - t0,
@@ -62,6 +63,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, decode: st
         g = graph_stats(model)
         if g is not None and decode == "graphs":
             stats["graphs"] = g
+            stats["loop"] = "fp8stream" if g.get("loop_calls", 0) > loop_calls else f"transformers ({g.get('fallback')})"
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
