@@ -233,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
         if not args.debug:
             logging.getLogger("fp8stream").setLevel(logging.WARNING)
-            import transformers
+            from ._gc import gc_paused
+
+            with gc_paused():  # no collections over the objects its import makes (_gc.py)
+                import transformers
 
             transformers.logging.set_verbosity_error()
         return _run(args)
