@@ -1,6 +1,6 @@
 """Time to a ready model on the CPU as a user measures it (issue 19): the CLI's wall time in a fresh process against
-the cost every transformers-based loader pays first (import torch + transformers, the model class built on the meta
-device), interleaved in one run. A ratio of two fresh-process timings, with slack for a busy CI machine."""
+a bare `import torch, transformers` and against the cost every transformers-based loader pays first (that import,
+plus the model class built on the meta device), interleaved in one run so a busy CI machine slows all alike."""
 
 from __future__ import annotations
 
@@ -14,16 +14,23 @@ sys.path.insert(0, str(HERE.parent / "bench"))
 from tiny_models import make_checkpoint  # noqa: E402
 from user_time import run  # noqa: E402
 
-EXTRA_BOUND_S = 1.0
+# Issue 19: at most this much over the bare import. Measured on the 2-core CI box (medians of 9 interleaved rounds):
+# +0.65..0.70 s (qwen3_moe, llama); +1.6..1.8 s before the GC changes (cli.console_main, _gc.py). Most of what is
+# left is transformers' own modeling import (BENCHMARKS.md, "CLI start-up").
+EXTRA_OVER_IMPORT_S = 1.0
+# The CLI builds the same model class hf_modeling does and does its load besides; it still ends sooner (-1.1 s
+# measured) because its process pays no cyclic collections over the imports nor at exit. Slack for a noisy run.
+EXTRA_OVER_HF_MODELING_S = -0.3
 
 
-def test_cli_load_costs_at_most_a_second_over_transformers_own_setup(tmp_path):
+def test_cli_load_costs_at_most_a_second_over_importing_torch_and_transformers(tmp_path):
     path, _ = make_checkpoint("qwen3_moe", tmp_path / "moe")
-    walls = {"hf_modeling": [], "cli": []}
+    walls = {"import": [], "hf_modeling": [], "cli": []}
     for _ in range(3):
         for mode in walls:
             row = run(mode, str(path), "cpu", timeout=120)
             assert row["rc"] == 0, row
             walls[mode].append(row["wall_s"])
-    extra = statistics.median(walls["cli"]) - statistics.median(walls["hf_modeling"])
-    assert extra <= EXTRA_BOUND_S, walls
+    med = {mode: statistics.median(w) for mode, w in walls.items()}
+    assert med["cli"] - med["import"] <= EXTRA_OVER_IMPORT_S, walls
+    assert med["cli"] - med["hf_modeling"] <= EXTRA_OVER_HF_MODELING_S, walls

@@ -8,7 +8,6 @@ its staging chunks and reads -> stream.stream_weights -> the report.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._gc import gc_paused
 from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
 from .load_plan import TargetPlan, build_plan, prequantized_scheme, scale_pieces
@@ -233,13 +233,8 @@ def _without_gc(fn):
     load makes no cyclic garbage that must go before it returns."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return fn(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
     return wrapped
 
 
