@@ -20,6 +20,8 @@ fp8_gemv_kernel      small M (decode): C = X @ (B * sb)^T (+ bias) with X as it 
                      handful of rows the weight bytes are the time; a fused per-token quantization needs
                      the row amax before the first weight byte is used, which measured 1.3-2x slower
                      (bench/sweep_gemv.py).
+rms_norm_kernel      one program per row: transformers' standard RMSNorm (float32 mean of squares, rsqrt, the
+                     normalized row rounded to the input dtype, then times the weight) in one pass (norms.py).
 """
 
 import triton
@@ -287,3 +289,16 @@ def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_
         acc = tl.dot(a, b.T, acc)
     _store_tile(acc, m0 + tl.arange(0, BM), n0 + tl.arange(0, BN), row_end, N, e, as_ptr, stride_as_m, bs_ptr,
                 stride_bs_e, stride_bs_n, bias_ptr, c_ptr, stride_cm, True, HAS_BIAS)
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, stride_o, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    dt = out_ptr.dtype.element_ty
+    h = (x * r).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * h).to(dt), mask=mask)

@@ -447,6 +447,10 @@ def load(
         log.debug("[rank %d/%d] Peak device memory while loading weights: %.2f GiB", group.rank, group.world, report.peak_bytes / 2**30)
     model.config.dtype = dtype
     _attach_generation_config(model, path)
+    if dev.type == "cuda":
+        from .norms import fuse_rms_norms
+
+        log.debug("RMSNorm modules in one kernel: %d", fuse_rms_norms(model))
     if cuda_graphs and dev.type == "cuda" and group is None:
         from .decode import install
 
