@@ -9,6 +9,13 @@ a random bf16 model written with save_pretrained, then `fp8stream.load(dir, devi
 
     PYTHONPATH=src python bench/coverage_sweep.py --json bench/results/coverage.json --markdown
     PYTHONPATH=src python bench/coverage_sweep.py --types gpt2,llama,mixtral     # a subset
+    PYTHONPATH=src python bench/coverage_sweep.py --decode --json /tmp/decode.json   # + the default decode loop
+
+--decode: for every fp8 row of a model class transformers marks compilable (the ones fp8stream gives a static cache
+on CUDA), the default decode path (decode.install, run eagerly on the CPU: the same loop and buffers as CUDA, no
+capture) against transformers' own static-cache generate, greedy, 8 new tokens, batch 2: the row's "decode" says
+"same", "differs" (the first step that differs), "transformers (reason)" when the call went to transformers' loop,
+or the error.
 
 tests/test_coverage.py runs the same `check_type` over a fixed fast subset in CI.
 """
@@ -141,7 +148,43 @@ def _first(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [""])[0])[:160]
 
 
-def check_type(model_type: str, workdir: Path, timeout_s: int = 120) -> dict:
+def check_decode(model, ids: torch.Tensor, path: Path) -> str:
+    """fp8stream's decode loop against transformers' static-cache generate on one model (see --decode). Tokens that
+    differ in bf16 are checked again on the model loaded in float32: the same there means bf16 rounding (a masked
+    attention over the static cache's slots rounds differently from transformers' own mask preparation)."""
+    import fp8stream
+    from fp8stream import decode
+
+    if not getattr(type(model), "_can_compile_fullgraph", False):
+        return "not compilable (dynamic cache: transformers' loop)"
+    ids = torch.cat([ids, ids.flip(1)])  # batch 2
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    def compare(m):
+        decode.install(m, capture=False)
+        with torch.no_grad():
+            mine = m.generate(ids, **kw)
+            stats = decode.graph_stats(m)
+            if not stats.get("loop_calls"):
+                return None, f"transformers ({stats.get('fallback')})"
+            ref = m.generate(ids, disable_compile=True, **kw)
+        if torch.equal(mine, ref):
+            return True, "same"
+        if mine.shape != ref.shape:
+            return False, f"differs (shape {tuple(mine.shape)} vs {tuple(ref.shape)})"
+        return False, f"differs from new token {int((mine != ref).any(0).nonzero()[0, 0]) - ids.shape[1]}"
+
+    try:
+        ok, what = compare(model)
+        if ok is False:
+            ok32, what32 = compare(fp8stream.load(path, device="cpu", progress=False, dtype=torch.float32))
+            what = f"{'same' if ok32 else what32} in float32; bf16 {what}"
+    except Exception as e:
+        return f"error: {type(e).__name__}: {_first(e)}"
+    return what
+
+
+def check_type(model_type: str, workdir: Path, timeout_s: int = 120, decode: bool = False) -> dict:
     """One row of the sweep: {"type", "result": fp8|refused|FAIL|skipped, "detail", ...}."""
     import fp8stream
 
@@ -172,6 +215,8 @@ def check_type(model_type: str, workdir: Path, timeout_s: int = 120) -> dict:
             return {**row, "result": "FAIL", "detail": f"logits off: relative error {rel:.3f} > {LOGIT_REL_BOUND}"}
         if rep.peak_bytes > rep.final_bytes + rep.staging_bytes:
             return {**row, "result": "FAIL", "detail": f"peak {rep.peak_bytes} > final {rep.final_bytes} + staging {rep.staging_bytes}"}
+        if decode:
+            row["decode"] = check_decode(model, ids, out)
         return {**row, "result": "fp8", "detail": ""}
     except _Timeout:
         return {**row, "result": "FAIL", "detail": f"timed out after {timeout_s} s"}
@@ -213,6 +258,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--markdown", action="store_true", help="print the README table")
     ap.add_argument("--timeout-s", type=int, default=120)
+    ap.add_argument("--decode", action="store_true", help="also check the default decode loop on each FP8 model")
     args = ap.parse_args()
     import logging
 
@@ -226,7 +272,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for t in types:
-            row = check_type(t, Path(tmp), args.timeout_s)
+            row = check_type(t, Path(tmp), args.timeout_s, args.decode)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
