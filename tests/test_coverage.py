@@ -171,6 +171,19 @@ def test_sweep_subset(model_type, tmp_path):
     assert row["result"] == SUBSET[model_type], row
 
 
+# The default decode loop on architectures with sliding-window, hybrid and linear-attention layers (the full table:
+# bench/coverage_sweep.py --decode): transformers' tokens, or (gemma3, qwen3_next) in float32 where bf16 rounds
+# a masked attention over the static cache's slots otherwise.
+DECODE_SUBSET = {"gemma2": "same", "cohere2": "same", "gpt_oss": "same", "mistral": "same",
+                 "gemma3_text": "same in float32", "qwen3_next": "same in float32"}
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODE_SUBSET))
+def test_decode_loop_subset(model_type, tmp_path):
+    row = check_type(model_type, tmp_path, decode=True)
+    assert row["result"] == "fp8" and row["decode"].startswith(DECODE_SUBSET[model_type]), row
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_gpt2_reload_equals_a_fresh_load(gpt2, tmp_path, scheme):
     """reload() of Conv1D weights (transposed reads) gives load()'s bits, in place, from a directory and from tensors."""
