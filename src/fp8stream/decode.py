@@ -50,7 +50,7 @@ def install(model: torch.nn.Module, *, capture: bool | None = None, own_loop: bo
         transformers_generate = model.generate
 
         def generate(self, inputs=None, generation_config=None, **kwargs):
-            call = plan_call(self, inputs, generation_config, kwargs) if loop.cache_arg else "no cache argument"
+            call = loop.unsupported or plan_call(self, inputs, generation_config, kwargs)
             if isinstance(call, str):
                 runner.stats["fallback"] = call
                 log.debug("fp8stream: transformers' generate runs this call: %s", call)

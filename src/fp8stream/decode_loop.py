@@ -13,7 +13,7 @@ graph-replayed forwards; the rest of a step is its kernels.
 What it runs: generate(input_ids, attention_mask of ones, max_new_tokens / max_length, min_new_tokens /
 min_length, do_sample with temperature / top_k / top_p, repetition_penalty, eos / pad ids, streamer). Anything else
 (beam search, left padding, custom logits processors or stopping criteria, stop strings, output_scores, a
-dynamic cache ...) goes to transformers' generate unchanged, whose decode steps still replay CUDA graphs
+dynamic cache, a cache with recurrent / convolution layers ...) goes to transformers' generate unchanged, whose decode steps still replay CUDA graphs
 (decode._GraphedSteps); `graph_stats(model)["fallback"]` says why. Greedy tokens equal transformers' static-cache
 generate (tests/test_decode_loop.py; float32 in bench/coverage_sweep.py --decode, where bf16 can round otherwise);
 sampling draws from the same distribution, not the same random numbers.
@@ -197,6 +197,7 @@ class Loop:
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "past_key_values" if "past_key_values" in params else ("cache" if "cache" in params else None)
         self.extra = {k: v for k, v in (("cache_position", None), ("logits_to_keep", 1)) if k in params}
+        self.unsupported = "no cache argument" if self.cache_arg is None else _unsupported_layers(model)
 
     def release(self) -> None:
         self.entries.clear()
@@ -343,3 +344,20 @@ def _python_attributes(cache) -> list[tuple[object, dict]]:
     """The cache's (and its layers') plain attributes, to put back after a warm-up forward changed them."""
     objs = [cache] + list(getattr(cache, "layers", []) or [])
     return [(o, {k: v for k, v in vars(o).items() if v is None or isinstance(v, (bool, int, float, str))}) for o in objs]
+
+
+def _unsupported_layers(model) -> str | None:
+    """Why the loop cannot run this model's cache, or None. Only attention layers (full or sliding window) are
+    taken: layers that keep a recurrent or convolution state (Qwen3.5, LFM, Mamba hybrids) read the 2-D mask as
+    the tokens of the current forward, which this loop's cache-length mask is not (their tokens differed from
+    transformers' in float32: bench/coverage_sweep.py --decode)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    try:
+        cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=8)
+    except Exception as e:  # transformers' own generate will say what is wrong
+        return f"static cache ({type(e).__name__})"
+    kinds = {type(layer) for layer in cache.layers}
+    other = sorted(k.__name__ for k in kinds - {StaticLayer, StaticSlidingWindowLayer})
+    return f"cache layers {', '.join(other)}" if other else None
