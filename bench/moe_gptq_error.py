@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fp8stream  # noqa: E402
 from fp8stream.calibrate import EXPERT_TOKENS_PER_INPUT, RoutedInputs, expert_hessian, expert_tokens  # noqa: E402
 from fp8stream.gptq import gptq_fp8, output_error  # noqa: E402
-from fp8stream.modules import FP8Experts  # noqa: E402
+from fp8stream.experts import FP8Experts  # noqa: E402
 from fp8stream.quantize import dequantize, expand_block_scale  # noqa: E402
 from tiny_models import make_checkpoint  # noqa: E402
 

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 import fp8stream
-from fp8stream.calibrate import (EXPERT_TOKENS_PER_INPUT, RoutedInputs, _scales, calibrate_decoder,
-                                 capture_layer_inputs, expert_hessian, expert_tokens)
+from fp8stream.calibrate import (EXPERT_TOKENS_PER_INPUT, RoutedInputs, calibrate_decoder, capture_layer_inputs,
+                                 expert_hessian, expert_tokens)
+from fp8stream.calibrate_export import _scales
 from fp8stream.cli import main
 from fp8stream.errors import Fp8StreamError
 from fp8stream.gptq import gptq_fp8, output_error
-from fp8stream.modules import FP8Experts, FP8Linear
+from fp8stream.experts import FP8Experts
+from fp8stream.modules import FP8Linear
 from fp8stream.quantize import FP8_MAX, expand_block_scale, round_fp8, scale_from_amax
 from tiny_models import make_checkpoint
 

@@ -235,7 +235,7 @@ def llama4(tmp_path_factory):
 def test_llama4_transposed_experts_are_fp8(llama4, scheme):
     """Llama 4's experts ([E, H, 2I] / [E, I, H], every token through every expert) are FP8: each expert's slice is
     the hand-quantized transpose, also when the budget streams them in column stripes; logits within the bound."""
-    from fp8stream.modules import FP8DenseExperts
+    from fp8stream.experts import FP8DenseExperts
 
     path, ref = llama4
     staging = 0.6 if scheme == "fp8_per_block" else 0.02
@@ -295,7 +295,7 @@ def test_gpt_oss_experts_are_fp8_with_biases_and_clamped_swiglu(tmp_path, scheme
     hand-quantized transpose, the biases are kept exactly, logits within the bound."""
     from transformers import AutoModelForCausalLM, GptOssConfig
 
-    from fp8stream.modules import FP8GptOssExperts
+    from fp8stream.experts import FP8GptOssExperts
 
     torch.manual_seed(0)
     cfg = GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

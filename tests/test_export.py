@@ -15,7 +15,8 @@ import torch
 
 import fp8stream
 from fp8stream.cli import main
-from fp8stream.modules import FP8Experts, FP8Linear
+from fp8stream.experts import FP8Experts
+from fp8stream.modules import FP8Linear
 from fp8stream.quantize import dequantize
 from tiny_models import make_checkpoint
 

@@ -16,7 +16,9 @@ from torch import nn
 
 from fp8stream import _kernel_caps
 from fp8stream import kernels as K
-from fp8stream.modules import FP8Experts, FP8Linear, fp8_linear
+from fp8stream._fp8_linear import fp8_linear
+from fp8stream.experts import FP8Experts
+from fp8stream.modules import FP8Linear
 from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation
 from tiny_models import quantize_weight as _quantize_weight
 

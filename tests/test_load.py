@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import fp8stream
-from fp8stream.modules import FP8Experts, FP8Linear
+from fp8stream.experts import FP8Experts
+from fp8stream.modules import FP8Linear
 from fp8stream.quantize import FP8_MAX, dequantize, quantize_blocks, quantize_rows
 from tiny_models import CONFIGS, make_checkpoint
 

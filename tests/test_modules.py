@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 from fp8stream import kernels
-from fp8stream.modules import FP8Experts, FP8Linear, fp8_linear, replace_with_fp8
+from fp8stream._fp8_linear import fp8_linear
+from fp8stream.experts import FP8Experts
+from fp8stream.modules import FP8Linear, replace_with_fp8
 from fp8stream.quantize import dequantize, dequantize_activation, quantize_activation
 from tiny_models import quantize_weight as _quantize_weight
 

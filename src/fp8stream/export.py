@@ -361,7 +361,7 @@ def export(
         if ids.numel() < 2:
             raise Fp8StreamError(f"calibration needs at least 2 token ids, got {ids.numel()}")
     elif calibrate is not None:
-        from .calibrate import calibration_ids
+        from .calibrate_export import calibration_ids
 
         ids = calibration_ids(src, calibrate, calib_tokens)
     ckpt = Checkpoint(src)
@@ -463,7 +463,7 @@ def export(
 
 
 class _WrittenCodes:
-    """calibrate.CodeStore over the output shards just written: each fp8 weight's codes and scales, by source key."""
+    """calibrate_export.CodeStore over the output shards just written: each fp8 weight's codes and scales, by source key."""
 
     def __init__(self, weights: dict[str, tuple[Path, int, tuple]], scales: dict[str, tuple[Path, int, tuple]]):
         self.weights, self.scales = weights, scales
@@ -494,8 +494,8 @@ def _read(path: Path, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Te
 
 def _calibrate(ckpt: Checkpoint, config, scheme: str, fp8_modules: set[str], ids: torch.Tensor,
                store: _WrittenCodes, dtype: torch.dtype, progress: bool):
-    """GPTQ rounding (calibrate.py) of the decoder Linears and experts, overwriting their plainly rounded fp8 bytes in place."""
-    from .calibrate import calibrate_checkpoint
+    """GPTQ rounding (calibrate_export.py) of the decoder Linears and experts, overwriting their plainly rounded fp8 bytes in place."""
+    from .calibrate_export import calibrate_checkpoint
 
     context = min(int(ids.numel()), getattr(config, "max_position_embeddings", None) or int(ids.numel()), CALIB_CONTEXT)
     return calibrate_checkpoint(ckpt, config, scheme, fp8_modules, ids, context, store, dtype, progress)

@@ -1,7 +1,7 @@
 """`load()`: the setup of a streaming load, from a checkpoint directory to the work list that stream.py fills.
 
 config.json -> a meta-device model of transformers' own class (meta_model.py) -> the load plan (load_plan.py) -> FP8 modules in
-place of the Linear / experts modules (modules.py) -> this rank's shard of each (parallel.py) -> per parameter,
+place of the Linear / experts modules (modules.py, experts.py) -> this rank's shard of each (parallel.py) -> per parameter,
 its staging chunks and reads -> stream.stream_weights -> the report.
 """
 
@@ -23,10 +23,11 @@ from torch import nn
 from ._gc import gc_paused
 from .checkpoint import DEFAULT_READ_THREADS, Checkpoint
 from .errors import CheckpointError, Fp8StreamError, UnsupportedModelError
+from .experts import FP8Experts
 from .load_plan import TargetPlan, build_plan, prequantized_scheme, scale_pieces
 from .memory import MemoryLedger, Sampler
 from .meta_model import build_meta_model
-from .modules import SENSITIVE_RULE, FP8Experts, FP8Linear, coverage, gated_mlps, replace_with_fp8, sensitive_modules
+from .modules import SENSITIVE_RULE, FP8Linear, coverage, gated_mlps, replace_with_fp8, sensitive_modules
 from .parallel import current_group, install_hooks, local_plan, plan_layout, shard_meta
 from .quantize import FP8_DTYPE, SCHEMES, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
 from .report import LoadReport

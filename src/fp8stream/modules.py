@@ -1,13 +1,9 @@
-"""FP8 modules that replace nn.Linear and transformers' fused MoE experts, and the function that swaps them in.
+"""FP8Linear (in place of nn.Linear and transformers' Conv1D), the gated-MLP fusion (gate_proj and up_proj as one GEMM),
+and the function that swaps FP8 modules into a meta-device model (FP8Linear, or one of experts.py's modules for
+transformers' fused MoE experts), with the coverage report of what it swapped.
 
-Weights are float8_e4m3fn with float32 scales:
-  fp8_per_channel / fp8_per_tensor: `weight_scale` [..., N] (per-tensor keeps one value per checkpoint
-  shard, broadcast over that shard's rows, so fused q/k/v or gate/up never share a scale);
-  fp8_per_block: `weight_scale` [..., ceil(N/128), ceil(K/128)].
-On CUDA the forward runs the fast paths of kernels.py (fused dynamic activation quantization, FP8
-GEMMs: torch._scaled_mm, blockwise F.scaled_mm / Triton, the Triton grouped GEMM for MoE experts);
-everything else (CPU, shapes no kernel takes) runs a reference path that dequantizes the fp8 operands
-and multiplies in float32. Both compute the same function.
+The weight and scale layouts and the FP8 matmul (fast CUDA paths of kernels.py, float32 reference elsewhere) are
+_fp8_linear.py's.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import math
 import re
 import textwrap
 import types
@@ -26,33 +21,10 @@ import torch
 from torch import nn
 
 from . import kernels
+from ._fp8_linear import _empty_param, _scale_shape, fp8_linear
 from .errors import UnsupportedModelError
+from .experts import FP8DenseExperts, FP8Experts, FP8GptOssExperts
 from .quantize import BLOCK, FP8_DTYPE
-
-
-def _scale_shape(scheme: str, lead: tuple[int, ...], n: int, k: int) -> tuple[int, ...]:
-    if scheme == "fp8_per_block":
-        return (*lead, math.ceil(n / BLOCK), math.ceil(k / BLOCK))
-    return (*lead, n)
-
-
-def _empty_param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
-def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: str,
-    decode_rule: bool = True, act: bool = False,
-) -> torch.Tensor:
-    """y = dynamic_fp8(x) @ weight^T * scales (+ bias), in x's dtype. weight [N, K] fp8. With decode_rule,
-    x of at most kernels.GEMV_MAX_M rows is not quantized (W8A16; see kernels.GEMV_MAX_M). With act, x is
-    [..., 2K] = gate | up and the input is silu(gate) * up (kernels.silu_mul), fused into the quantization."""
-    n, k = weight.shape
-    x2 = x.reshape(-1, 2 * k if act else k)
-    y = kernels.linear_cuda(x2, weight, weight_scale, bias, scheme, decode_rule, act) if x2.is_cuda else None
-    if y is None:
-        y = kernels.reference_linear(x2, weight, weight_scale, bias, scheme, decode_rule, act).to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
 
 
 class FP8Linear(nn.Module):
@@ -75,169 +47,10 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, scheme={self.scheme}"
 
 
-class FP8Experts(nn.Module):
-    """Drop-in for transformers' fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn).
-
-    forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], the same
-    contract as the module it replaces: each routed token goes through its expert's gated MLP and
-    the results are summed with the routing weights.
-    """
-
-    def __init__(self, experts: nn.Module, scheme: str, device="meta"):
-        super().__init__()
-        e, two_i, h = experts.gate_up_proj.shape
-        self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
-        self.expert_start = 0  # expert parallel: this module holds experts [expert_start, expert_start + num_experts)
-        self.expert_parallel = False  # set by the parallel layout: top_k_index then holds global expert ids
-        self.act_fn = experts.act_fn
-        self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
-        self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
-        self.down_proj = _empty_param((e, h, two_i // 2), FP8_DTYPE, device)
-        self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.expert_parallel and (hidden_states.is_cuda or torch.compiler.is_compiling()):
-            # The fast paths route by local expert id. A pair routed to another rank's expert goes to local
-            # expert 0 with routing weight 0: it adds exactly nothing (the reference loop skips it instead).
-            local = top_k_index - self.expert_start
-            here = (local >= 0) & (local < self.num_experts)
-            top_k_index = torch.where(here, local, torch.zeros_like(local))
-            top_k_weights = torch.where(here, top_k_weights, torch.zeros_like(top_k_weights))
-            args = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
-                    self.down_proj_scale, self.act_fn, self.scheme)
-            out = kernels.experts_cuda(*args) if hidden_states.is_cuda else kernels.experts_fast(*args, kernels.Caps(torch_grouped=True))
-            if out is not None:
-                return out
-            return _local_reference(self, hidden_states, top_k_index, top_k_weights)
-        args = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
-                self.down_proj_scale, self.act_fn, self.scheme)
-        if hidden_states.is_cuda:
-            out = kernels.experts_cuda(*args)
-            if out is not None:
-                return out
-        if torch.compiler.is_compiling():  # the reference loop syncs on expert counts: a static masked loop instead
-            out = kernels.experts_fast(*args, kernels.Caps(torch_grouped=True))
-            if out is not None:
-                return out
-        return self.reference_forward(hidden_states, top_k_index, top_k_weights)
-
-    def gated(self, e: int, x: torch.Tensor, decode: bool) -> torch.Tensor:
-        """act(gate) * up of local expert e on its tokens x [T, H]: the input of its down projection
-        (calibrate.py computes the down projection's Hessian with this very function)."""
-        gate, up = fp8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme, decode).chunk(2, dim=-1)
-        return self.act_fn(gate) * up
-
-    def reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """One reference FP8 Linear pair per active expert (host loop over the expert counts)."""
-        out = torch.zeros_like(hidden_states)
-        flat_experts = top_k_index.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        first = self.expert_start  # tokens routed to experts another rank holds contribute nothing here
-        counts = torch.bincount(flat_experts, minlength=first + self.num_experts).tolist()
-        token_of = order // top_k_index.shape[-1]
-        weight_of = top_k_weights.reshape(-1)[order]
-        start = sum(counts[:first])
-        # The decode rule by the layer's token count: every expert then gets <= MOE_GEMV_MAX_T <= GEMV_MAX_M
-        # rows, which the Linear rule leaves unquantized (W8A16); above it, experts are W8A8 at any row count.
-        decode = hidden_states.shape[0] <= kernels.MOE_GEMV_MAX_T
-        for e, count in enumerate(counts[first : first + self.num_experts]):
-            if count == 0:
-                continue
-            tokens = token_of[start : start + count]
-            y = fp8_linear(self.gated(e, hidden_states[tokens], decode), self.down_proj[e], self.down_proj_scale[e], None,
-                           self.scheme, decode)
-            out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(out.dtype))
-            start += count
-        return out
-
-
 # ---- gated MLPs: gate_proj and up_proj as one GEMM ----
 
 _CANONICAL_GATED = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
 _GATED_FORWARD: dict[type, bool] = {}
-
-
-class FP8DenseExperts(FP8Experts):
-    """Drop-in for experts stored transposed that run every token through every expert (Llama 4's
-    Llama4TextExperts: gate_up_proj [E, H, 2I], down_proj [E, I, H], forward(hidden_states [E * T, H]) with the
-    routing weights already applied to the inputs). Held in the standard FP8 layout ([E, 2I, H], [E, H, I]); the
-    checkpoint's [in, out] slices are read transposed (load plan `transposed`)."""
-
-    transposed_source = True
-
-    def __init__(self, experts: nn.Module, scheme: str, device="meta"):
-        nn.Module.__init__(self)
-        e, h, two_i = experts.gate_up_proj.shape
-        self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
-        self.expert_start, self.expert_parallel = 0, False
-        self.act_fn = experts.act_fn
-        self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
-        self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
-        self.down_proj = _empty_param((e, h, two_i // 2), FP8_DTYPE, device)
-        self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.view(self.num_experts, -1, self.hidden_dim)
-        out = []
-        for e in range(self.num_experts):
-            gate, up = fp8_linear(x[e], self.gate_up_proj[e], self.gate_up_proj_scale[e], None, self.scheme).chunk(2, dim=-1)
-            out.append(fp8_linear(up * self.act_fn(gate), self.down_proj[e], self.down_proj_scale[e], None, self.scheme))
-        return torch.stack(out).view(-1, self.hidden_dim)
-
-
-class FP8GptOssExperts(FP8Experts):
-    """Drop-in for gpt-oss's experts: stored transposed (gate_up_proj [E, H, 2I] with gate and up interleaved by column,
-    down_proj [E, I, H]), with biases, and a clamped SwiGLU (`_apply_gate` of the module it replaces, with its alpha and
-    limit); forward(hidden_states [T, H], router_indices [T, k], routing_weights [T, k]). FP8 in the standard layout;
-    the biases stay in the model dtype."""
-
-    transposed_source = True
-
-    def __init__(self, experts: nn.Module, scheme: str, dtype: torch.dtype, device="meta"):
-        nn.Module.__init__(self)
-        e, h, two_i = experts.gate_up_proj.shape
-        self.num_experts, self.hidden_dim, self.intermediate_dim, self.scheme = e, h, two_i // 2, scheme
-        self.expert_start, self.expert_parallel = 0, False
-        self.alpha, self.limit = experts.alpha, experts.limit
-        self._apply_gate = types.MethodType(type(experts)._apply_gate, self)
-        self.gate_up_proj = _empty_param((e, two_i, h), FP8_DTYPE, device)
-        self.gate_up_proj_scale = _empty_param(_scale_shape(scheme, (e,), two_i, h), torch.float32, device)
-        self.gate_up_proj_bias = _empty_param((e, two_i), dtype, device)
-        self.down_proj = _empty_param((e, h, two_i // 2), FP8_DTYPE, device)
-        self.down_proj_scale = _empty_param(_scale_shape(scheme, (e,), h, two_i // 2), torch.float32, device)
-        self.down_proj_bias = _empty_param((e, h), dtype, device)
-
-    def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        mask = torch.nn.functional.one_hot(router_indices, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, T]
-        for e in (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist():
-            top_k_pos, token_idx = torch.where(mask[e])
-            gate_up = fp8_linear(hidden_states[token_idx], self.gate_up_proj[e], self.gate_up_proj_scale[e], self.gate_up_proj_bias[e], self.scheme)
-            y = fp8_linear(self._apply_gate(gate_up), self.down_proj[e], self.down_proj_scale[e], self.down_proj_bias[e], self.scheme)
-            out.index_add_(0, token_idx, (y * routing_weights[token_idx, top_k_pos, None]).to(out.dtype))
-        return out
-
-
-def _is_gpt_oss_experts(module: nn.Module) -> bool:
-    gu, down = module.gate_up_proj, module.down_proj
-    e, h, two_i = gu.shape
-    bias_gu, bias_down = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
-    return (tuple(down.shape) == (e, two_i // 2, h) and callable(getattr(type(module), "_apply_gate", None))
-            and hasattr(module, "alpha") and hasattr(module, "limit") and isinstance(bias_gu, nn.Parameter)
-            and isinstance(bias_down, nn.Parameter) and tuple(bias_gu.shape) == (e, two_i) and tuple(bias_down.shape) == (e, h))
-
-
-def _is_dense_transposed_experts(module: nn.Module) -> bool:
-    """Llama 4's experts layout and contract (see FP8DenseExperts)."""
-    gu, down = module.gate_up_proj, module.down_proj
-    e, h, two_i = gu.shape
-    if two_i % 2 or tuple(down.shape) != (e, two_i // 2, h) or not hasattr(module, "act_fn") or getattr(module, "has_bias", False):
-        return False
-    try:
-        params = list(inspect.signature(type(module).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params == ["self", "hidden_states"]
 
 
 def _is_canonical_gated_forward(cls: type) -> bool:
@@ -355,14 +168,6 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
     return down(self.act_fn(g) * u)
 
 
-def _local_reference(module: FP8Experts, hidden_states, local_index, weights) -> torch.Tensor:
-    start, module.expert_start = module.expert_start, 0  # ids are local already
-    try:
-        return module.reference_forward(hidden_states, local_index, weights)
-    finally:
-        module.expert_start = start
-
-
 _SETUP_METHODS = {"__init__", "_init_weights", "reset_parameters", "init_weights", "extra_repr", "__repr__"}
 
 
@@ -402,6 +207,28 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _is_fused_experts(module: nn.Module) -> bool:
     gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3
+
+
+def _is_gpt_oss_experts(module: nn.Module) -> bool:
+    gu, down = module.gate_up_proj, module.down_proj
+    e, h, two_i = gu.shape
+    bias_gu, bias_down = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
+    return (tuple(down.shape) == (e, two_i // 2, h) and callable(getattr(type(module), "_apply_gate", None))
+            and hasattr(module, "alpha") and hasattr(module, "limit") and isinstance(bias_gu, nn.Parameter)
+            and isinstance(bias_down, nn.Parameter) and tuple(bias_gu.shape) == (e, two_i) and tuple(bias_down.shape) == (e, h))
+
+
+def _is_dense_transposed_experts(module: nn.Module) -> bool:
+    """Llama 4's experts layout and contract (see FP8DenseExperts)."""
+    gu, down = module.gate_up_proj, module.down_proj
+    e, h, two_i = gu.shape
+    if two_i % 2 or tuple(down.shape) != (e, two_i // 2, h) or not hasattr(module, "act_fn") or getattr(module, "has_bias", False):
+        return False
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params == ["self", "hidden_states"]
 
 
 def _check_standard_experts(name: str, module: nn.Module) -> None:

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._fp8_linear import _scale_shape
 from .errors import Fp8StreamError, UnsupportedModelError
+from .experts import FP8Experts
 from .load_plan import Piece, TargetPlan
-from .modules import FP8Experts, FP8Linear, _is_fused_experts, _scale_shape
+from .modules import FP8Linear, _is_fused_experts
 
 # Styles that keep a module's weights whole on every rank (they only change gradients, routing or
 # sequence layouts, none of which matter for inference with replicated activations).
