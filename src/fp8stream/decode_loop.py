@@ -21,6 +21,7 @@ sampling draws from the same distribution, not the same random numbers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -87,7 +88,7 @@ def plan_call(model, inputs, generation_config, kwargs) -> _Call | str:
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     try:
-        gc, rest = model._prepare_generation_config(generation_config, **kwargs)
+        config, rest = model._prepare_generation_config(generation_config, **kwargs)
     except Exception as e:  # transformers raises its own, clearer error from its generate
         return f"generation config ({type(e).__name__})"
     rest = {k: v for k, v in rest.items() if not (k == "use_cache" and v)}
@@ -95,30 +96,36 @@ def plan_call(model, inputs, generation_config, kwargs) -> _Call | str:
         return f"model inputs {sorted(rest)}"
     if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().all())):
         return "an attention mask with padding"
-    defaults = gc._get_default_generation_params() if hasattr(gc, "_get_default_generation_params") else {}
-    known = type(gc)().to_dict()
-    for k, v in gc.to_dict().items():
+    defaults = config._get_default_generation_params() if hasattr(config, "_get_default_generation_params") else {}
+    known = _known_fields(type(config))
+    for k, v in config.to_dict().items():
         if k in _HANDLED or k not in known or v is None or v is False or (k in defaults and v == defaults[k]):
             continue
         return f"generation option {k}={v!r}"
-    if gc.cache_implementation != "static" or gc.use_cache is False or gc.disable_compile:
-        return f"cache {gc.cache_implementation}" + (", compile disabled" if gc.disable_compile else "")
+    if config.cache_implementation != "static" or config.use_cache is False or config.disable_compile:
+        return f"cache {config.cache_implementation}" + (", compile disabled" if config.disable_compile else "")
     length = ids.shape[1]
-    new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - length
+    new = config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20) - length
     if new is None or new < 1:
         return "no new tokens to generate"
-    min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - length, 0)
-    eos = gc.eos_token_id
+    min_new = max(config.min_new_tokens or 0, (config.min_length or 0) - length, 0)
+    eos = config.eos_token_id
     eos = () if eos is None else tuple(int(e) for e in ([eos] if isinstance(eos, int) else (eos.tolist() if isinstance(eos, torch.Tensor) else eos)))
-    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
-    sample = bool(gc.do_sample)
-    temperature = float(gc.temperature if gc.temperature is not None else 1.0)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    sample = bool(config.do_sample)
+    temperature = float(config.temperature if config.temperature is not None else 1.0)
     if sample and temperature <= 0:
         return "temperature <= 0"
-    sampling = _Sampling(sample, temperature if sample else 1.0, int(gc.top_k or 0) if sample else 0,
-                         float(gc.top_p if gc.top_p is not None else 1.0) if sample else 1.0,
-                         float(gc.repetition_penalty or 1.0), min(min_new, new), eos, int(pad))
+    sampling = _Sampling(sample, temperature if sample else 1.0, int(config.top_k or 0) if sample else 0,
+                         float(config.top_p if config.top_p is not None else 1.0) if sample else 1.0,
+                         float(config.repetition_penalty or 1.0), min(min_new, new), eos, int(pad))
     return _Call(ids, int(new), sampling, streamer)
+
+
+@functools.cache
+def _known_fields(config_class) -> frozenset:
+    """GenerationConfig's own fields (a model's generation_config may carry custom entries, which no generate reads)."""
+    return frozenset(config_class().to_dict())
 
 
 class _Buffers:

@@ -7,7 +7,6 @@ its staging chunks and reads -> stream.stream_weights -> the report.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -228,18 +227,10 @@ class _KernelWarmup:
         self._thread.join()
 
 
-def _without_gc(fn):
-    """Run fn with the cyclic garbage collector paused: a full collection walks every Python object (about
-    0.2 s once a 19k-tensor checkpoint's headers and plan exist) and lands at random inside the load; a
-    load makes no cyclic garbage that must go before it returns."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with gc_paused():
-            return fn(*args, **kwargs)
-    return wrapped
-
-
-@_without_gc
+# The cyclic collector is paused for the whole load: a full collection walks every Python object (about 0.2 s
+# once a 19k-tensor checkpoint's headers and plan exist) and lands at random inside the load; a load makes no
+# cyclic garbage that must go before it returns.
+@gc_paused()
 def load(
     path: str | Path,
     device: str | torch.device = "cuda",
