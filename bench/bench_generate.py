@@ -12,6 +12,8 @@ Variants (random weights from bench/configs/<model>; the same shapes, kept modul
   fp8_hf_loop    the same FP8 model, generate(return_dict_in_generate=True): an option the own loop does not
                  take, so transformers' loop runs, each forward replayed from a CUDA graph (decode.py)
   fp8_eager      the same FP8 model, generate(cache_implementation="dynamic", disable_compile=True)
+A variant may carry settings for its worker's environment after '@', '+'-separated (an A/B of one knob in one
+run): fp8@FP8STREAM_GEMV_ROWS=rows+FP8STREAM_CACHE_ROUND=256 is the fp8 variant with those two set.
 
 Each (variant, repetition) is a fresh worker process; repetitions are interleaved (rep 1 of every variant,
 then rep 2, ...). A worker: imports, builds the model, runs generate(max_new_tokens=2) (ready_s: process
@@ -60,7 +62,7 @@ def worker(spec: dict) -> dict:
     dev = spec["device"]
     sync = torch.cuda.synchronize if dev != "cpu" else (lambda: None)
     path = _config_dir(spec["model"], spec["layers"], Path(spec["config_root"]))
-    variant = spec["variant"]
+    variant = spec["variant"].split("@")[0]
     t0 = time.perf_counter()
     if variant.startswith("bf16"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -183,6 +185,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
+    bad = [v for v in variants if v.split("@")[0] not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)} (optionally @KEY=VALUE+KEY=VALUE)")
     batches = [int(b) for b in args.batches.split(",")]
     records = []
     for rep in range(args.reps):
@@ -191,9 +196,10 @@ def main(argv=None) -> int:
                         new_tokens=args.new_tokens, calls=args.calls, config_root=args.config_root)
             spec["t_spawn"] = time.time()
             rec = {"variant": v, "rep": rep}
+            settings = dict(kv.split("=", 1) for kv in v.split("@", 1)[1].split("+")) if "@" in v else {}
             try:
                 p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                                   timeout=args.worker_timeout_s, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"})
+                                   timeout=args.worker_timeout_s, env={**os.environ, **settings, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"})
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
                 if p.returncode == 0 and line:
                     rec.update(json.loads(line[-1][7:]))

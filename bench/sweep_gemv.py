@@ -13,6 +13,7 @@ tile config in the grid. Prints a summary table; one JSON line per measurement i
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -62,11 +63,12 @@ def emit(rec: dict, out) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def best_config(configs, fns_of, ref: torch.Tensor, tol: float, label: str = "", reps: int = 2):
+def best_config(configs, fns_of, ref: torch.Tensor, tol: float, label: str = "", reps: int = 2, all_timings=None):
     """(µs, config) of the fastest config whose first call matches ref (relative error <= tol), timed with
     time_graph over fns_of(config); configs that do not compile or compute wrongly are printed and skipped.
-    None when no config works."""
+    None when no config works. all_timings, a list, gets [config, µs] of every config that worked."""
     best = None
+    timings = []
     for cfg in configs:
         try:
             fns = fns_of(cfg)
@@ -77,8 +79,11 @@ def best_config(configs, fns_of, ref: torch.Tensor, tol: float, label: str = "",
         except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
             print(f"  {label} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
+        timings.append([list(cfg), us])
         if best is None or us < best[0]:
             best = (us, cfg)
+    if all_timings is not None:
+        all_timings.extend(timings)
     return best
 
 
@@ -87,7 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer configs and shapes")
     ap.add_argument("--schemes", default="fp8_per_channel,fp8_per_block")
-    ap.add_argument("--kernels", default="gemv,gemv1", help="gemv: kernels.gemv (W8A16, tensor cores, M <= 16); gemv1: the one-row kernel (M = 1 only)")
+    ap.add_argument("--kernels", default="gemv,gemv1",
+                    help="gemv: the tensor-core kernel (fp8_gemv_kernel, M <= 16); gemv_swap: the same with the weight as "
+                         "the MMA's row operand; gemv_rows: CUDA cores, several rows; gemv1: the one-row kernel (M = 1 only)")
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--no-grid", action="store_true", help="default tiles only (no search)")
     args = ap.parse_args(argv)
@@ -96,7 +103,11 @@ def main(argv=None) -> int:
     caps = K.caps(dev)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} caps {caps}", flush=True)
     hbm = 4.8e6 if "H200" in torch.cuda.get_device_name() else 3.35e6  # bytes per microsecond
-    launch = {"gemv": K._launch_gemv, "gemv1": K._launch_gemv1}
+    launch = {"gemv": functools.partial(K._launch_gemv, kernel="tc"), "gemv1": K._launch_gemv1,
+              "gemv_swap": functools.partial(K._launch_gemv, kernel="swap"),
+              "gemv_rows": functools.partial(K._launch_gemv, kernel="rows")}
+    grids = {"gemv_swap": list(itertools.product([16, 32, 64, 128], [128, 256, 512], [4, 8], [3, 4])),
+             "gemv_rows": list(itertools.product([2, 4, 8, 16], [64, 128, 256, 512], [4, 8], [2, 3]))}
     grid1 = list(itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3]))  # gemv1: BN, BK, warps, stages
     kernels = args.kernels.split(",")
     ms = [int(v) for v in args.ms.split(",")]
@@ -123,18 +134,24 @@ def main(argv=None) -> int:
                     rec["two_kernel_us"] = time_graph([lambda q=q, s=s: K.linear_fast(x, q, s, None, scheme, two, decode_rule=False)
                                                        for q, s in ws])
                 rec["gemv_default_config"] = K._gemv_config(n, scheme == "fp8_per_block")
+                rec["gemv_swap_default_config"] = K._gemv_config(n, scheme == "fp8_per_block", "swap")
+                rec["gemv_rows_default_config"] = K._gemv_config(n, scheme == "fp8_per_block", "rows")
                 rec["gemv1_default_config"] = K._gemv1_config(n, k)
                 rec["entry_us"] = time_graph([lambda q=q, s=s: K.gemv(x, q, s, None, scheme) for q, s in ws])  # what FP8Linear runs
                 ref = K.reference_linear(x, *ws[0], None, scheme).float()
                 for kern in kernels:
                     if kern == "gemv1" and m != 1:
                         continue
+                    if kern == "gemv_rows" and m == 1:
+                        continue
                     fn = launch[kern]
                     rec[f"{kern}_default_us"] = time_graph([lambda q=q, s=s: fn(x, q, s, None, scheme) for q, s in ws])
-                    configs = [] if args.no_grid else (grid1 if kern == "gemv1" else grid)
+                    configs = [] if args.no_grid else (grid1 if kern == "gemv1" else grids.get(kern, grid))
                     configs = [cfg for cfg in configs if not (scheme == "fp8_per_block" and cfg[1] != 128)]
+                    if kern == "gemv_rows":  # the [BM, BN, BK] float32 accumulator must fit the registers
+                        configs = [cfg for cfg in configs if K._pow2(m) * cfg[0] * cfg[1] <= 128 * 32 * cfg[2]]
                     best = best_config(configs, lambda cfg: [lambda q=q, s=s: fn(x, q, s, None, scheme, cfg) for q, s in ws],
-                                       ref, 0.06, kern)
+                                       ref, 0.06, kern, all_timings=rec.setdefault(f"{kern}_all", []))
                     if best:
                         rec[f"{kern}_best_us"], rec[f"{kern}_best_config"] = best
                 rec["floor_us"] = n * k / hbm  # FP8 weight bytes at the card's HBM bandwidth

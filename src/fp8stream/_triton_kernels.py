@@ -228,6 +228,77 @@ def fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
+def fp8_gemv_swap_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+                         stride_xm, stride_wn, stride_ws_n, stride_ws_k, stride_om,
+                         BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # fp8_gemv_kernel with the operands swapped: acc^T [BN, BM] = W [BN, BK] @ X^T [BK, BM]. The weight tile is the
+    # MMA's row operand, loaded K-contiguous as stored; the few rows of X are the narrow side.
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mask_m = rm < M
+    mask_n = rn < N
+    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + rk[:, None]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + rk) < K
+        xt = tl.load(x_ptrs, mask=kmask[:, None] & mask_m[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+        if BLOCKWISE:  # BK == 128 and BN divides 128: one weight scale per K step
+            sb = tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_ws_n + (k0 // 128) * stride_ws_k)
+            acc += tl.dot(w, xt, input_precision="ieee") * sb
+        else:
+            acc += tl.dot(w, xt, input_precision="ieee")
+        x_ptrs += BK
+        w_ptrs += BK
+    if not BLOCKWISE:
+        acc = acc * tl.load(ws_ptr + rn * stride_ws_n, mask=mask_n, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def fp8_gemv_rows_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+                         stride_xm, stride_wn, stride_ws_n, stride_ws_k, stride_om,
+                         BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # fp8_gemv1_kernel for a few rows (no tensor cores): each weight tile is widened once and multiplied by every
+    # row; products accumulate elementwise in float32 ([BM, BN, BK]) and are summed over K once at the end.
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mask_m = rm < M
+    mask_n = rn < N
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs = k0 + rk
+        kmask = offs < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        if BLOCKWISE:  # BN divides 128; the K blocks of this tile's columns
+            x = x * tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_ws_n + (offs // 128) * stride_ws_k,
+                            mask=kmask, other=0.0)[None, :]
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+        x_ptrs += BK
+        w_ptrs += BK
+    y = tl.sum(acc, axis=2)
+    if not BLOCKWISE:
+        y = y * tl.load(ws_ptr + rn * stride_ws_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def fp8_gemv1_kernel(x_ptr, eid_ptr, rw_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, ROWS_PER_X, I_OFF,
                      stride_xm, stride_we, stride_wn, stride_ws_e, stride_ws_n, stride_ws_k, stride_om,
                      EXPERTS: tl.constexpr, ACT: tl.constexpr, HAS_RW: tl.constexpr,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,9 @@ log = logging.getLogger("fp8stream")
 # Host reads of the finished flags while a call can still stop early: a step is ~5 ms, so at most 7 wasted steps.
 EOS_CHECK_EVERY = 8
 # A new cache is sized up to a multiple of this, so that calls of different lengths share one cache and one graph.
-CACHE_ROUND = 256
+# Each step attends over the whole cache (the mask hides the unused slots), so a shorter rounding is a faster step
+# for short calls and more captures for calls of growing length. FP8STREAM_CACHE_ROUND sets it (benchmarks).
+CACHE_ROUND = int(os.environ.get("FP8STREAM_CACHE_ROUND", "128") or 128)
 MAX_LOOP_GRAPHS = 4
 
 # Generation fields this loop implements; every other field must be unset (None) or at transformers' global default.
