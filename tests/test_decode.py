@@ -226,3 +226,23 @@ def test_generate_reports_the_time_to_the_first_token(checkpoints):
     line = _generate_summary(stats)
     assert f"first token {stats['first_token_seconds']:.2f} s into generate" in line
     assert "after the process started" in line
+
+
+def test_snapshot_puts_back_counters_and_python_attributes():
+    """The warm-up before a capture (both loops) must leave no trace: a cache's device counters, its layers' plain
+    Python attributes and the loop's own buffers are put back as they were."""
+    from types import SimpleNamespace
+
+    from fp8stream.decode import _snapshot
+
+    layer = SimpleNamespace(seen=3, ready=True, keys=torch.zeros(4, 100), pos=torch.tensor([5]))
+    cache = SimpleNamespace(layers=[layer], offset=7)
+    buf = torch.tensor([1, 2])
+    put_back = _snapshot(cache, [buf])
+    layer.seen, layer.ready, cache.offset = 4, False, 8
+    layer.pos += 1
+    layer.keys += 1  # big tensors (the keys / values) are the step's own: not saved
+    buf.add_(10)
+    put_back()
+    assert (layer.seen, layer.ready, cache.offset) == (3, True, 7)
+    assert layer.pos.item() == 5 and buf.tolist() == [1, 2] and layer.keys.sum().item() == 400

@@ -85,7 +85,7 @@ def test_calls_share_the_cache_and_the_step(models):
     assert loop.cache is cache and len([k for k in loop.entries if k[0] == 2]) == 1
     _pair(model, _prompts(3), max_new_tokens=3)  # another batch size: another cache
     assert loop.cache is not cache and loop.cache_key == (3, decode_loop.CACHE_ROUND)
-    _pair(model, _prompts(3, length=250), max_new_tokens=20)  # longer than the cache: a longer one
+    _pair(model, _prompts(3, length=decode_loop.CACHE_ROUND + 2), max_new_tokens=20)  # longer than the cache: a longer one
     assert loop.cache_key == (3, 2 * decode_loop.CACHE_ROUND)
     decode.release(model)
     assert loop.cache is None and not loop.entries

@@ -18,6 +18,10 @@ from user_time import run  # noqa: E402
 # +0.65..0.70 s (qwen3_moe, llama); +1.6..1.8 s before the GC changes (cli.console_main, _gc.py). Most of what is
 # left is transformers' own modeling import (BENCHMARKS.md, "CLI start-up").
 EXTRA_OVER_IMPORT_S = 1.0
+# ... on a box where the bare import takes this long (its median then). Most of the extra is transformers' modeling
+# import, which a slower or busier machine slows alike (2026-12-07: the same code measured +0.7 s with a 1.7 s import and
+# +1.1..1.8 s with a 2.3..3.5 s import), so on a slower box the bound grows in proportion; never looser on a faster one.
+REFERENCE_IMPORT_S = 1.7
 # The CLI builds the same model class hf_modeling does and does its load besides; it still ends sooner (-1.1 s
 # measured) because its process pays no cyclic collections over the imports nor at exit. Slack for a noisy run.
 EXTRA_OVER_HF_MODELING_S = -0.3
@@ -32,5 +36,6 @@ def test_cli_load_costs_at_most_a_second_over_importing_torch_and_transformers(t
             assert row["rc"] == 0, row
             walls[mode].append(row["wall_s"])
     med = {mode: statistics.median(w) for mode, w in walls.items()}
-    assert med["cli"] - med["import"] <= EXTRA_OVER_IMPORT_S, walls
+    slower = max(1.0, med["import"] / REFERENCE_IMPORT_S)
+    assert med["cli"] - med["import"] <= EXTRA_OVER_IMPORT_S * slower, walls
     assert med["cli"] - med["hf_modeling"] <= EXTRA_OVER_HF_MODELING_S, walls

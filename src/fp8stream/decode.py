@@ -164,6 +164,25 @@ def _small_tensors(cache) -> list[torch.Tensor]:
     return [v for o in objs for v in vars(o).values() if isinstance(v, torch.Tensor) and v.numel() <= 64]
 
 
+def _snapshot(cache, tensors: list[torch.Tensor] = ()):
+    """A function that puts back `tensors`, the cache's device counters and its plain Python attributes as they are
+    now: a warm-up forward before a capture must leave no trace (the keys / values it writes are the step's own,
+    written again by the step)."""
+    state = list(tensors) + _small_tensors(cache)
+    saved = [t.clone() for t in state]
+    objs = [cache] + list(getattr(cache, "layers", []) or [])
+    attrs = [(o, {k: v for k, v in vars(o).items() if v is None or isinstance(v, (bool, int, float, str))}) for o in objs]
+
+    def put_back() -> None:
+        for t, v in zip(state, saved):
+            t.copy_(v)
+        for o, d in attrs:
+            for k, v in d.items():
+                setattr(o, k, v)
+
+    return put_back
+
+
 class _Graph:
     def __init__(self, static: list[torch.Tensor], graph, output):
         self.static, self.graph, self.output = static, graph, output
@@ -258,12 +277,11 @@ class _GraphedSteps:
             return v
 
         static_kwargs = {k: (v if _is_cache(v) else rebuild(v, k)) for k, v in kwargs.items()}
-        counters = _small_tensors(cache)
-        saved = [c.clone() for c in counters]
+        put_back = _snapshot(cache)
         before = _host_state(cache)
         if not self.capture:
             out = self.model(**static_kwargs)
-            if _host_state(cache) != before:
+            if _host_state(cache) != before:  # this forward was the step itself: its changes stay
                 self._disable(f"{type(cache).__name__} keeps Python-level state that a forward changes")
                 return out
             self.graphs[key] = _Graph(static, static_kwargs, out)  # the "graph" is the static kwargs, run eagerly
@@ -275,13 +293,10 @@ class _GraphedSteps:
         with torch.cuda.stream(stream):
             self.model(**static_kwargs)
         torch.cuda.current_stream().wait_stream(stream)
+        put_back()
         if _host_state(cache) != before:
             self._disable(f"{type(cache).__name__} keeps Python-level state that a forward changes")
-            for c, s in zip(counters, saved):
-                c.copy_(s)
             return self._eager(kwargs)
-        for c, s in zip(counters, saved):
-            c.copy_(s)
         # Each graph keeps its own memory pool: a pool shared with graphs that were since dropped (a new cache)
         # trips the caching allocator (torch 2.11: "use_count > 0" internal assert on the next capture).
         graph = torch.cuda.CUDAGraph()
@@ -289,11 +304,11 @@ class _GraphedSteps:
             with torch.cuda.graph(graph):
                 out = self.model(**static_kwargs)
         except Exception as e:  # a host sync or an uncapturable op in the forward
-            for c, s in zip(counters, saved):
-                c.copy_(s)
+            put_back()
             self._disable(f"capture failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
             return self._eager(kwargs)
         if _host_state(cache) != before:  # capture ran the Python again
+            put_back()
             self._disable(f"{type(cache).__name__} keeps Python-level state that a forward changes")
             return self._eager(kwargs)
         graph.replay()

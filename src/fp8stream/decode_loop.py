@@ -304,21 +304,12 @@ class Loop:
         """Warm-up step (lazy kernel choices, Triton JIT: nothing of that may run while capturing) on a side
         stream, the state put back, then the capture; a Python-level cache change or a failed capture turns
         graphs off for this model (the steps then run eagerly, still without a per-step sync)."""
-        from .decode import _host_state, _small_tensors
+        from .decode import _host_state, _snapshot
 
         t0 = time.perf_counter()
         b.graph = None
         before = _host_state(cache)
-        attrs = _python_attributes(cache)
-        state = b.tensors() + _small_tensors(cache)
-        saved = [t.clone() for t in state]
-
-        def put_back():
-            for t, v in zip(state, saved):
-                t.copy_(v)
-            for o, d in attrs:
-                for k, v in d.items():
-                    setattr(o, k, v)
+        put_back = _snapshot(cache, b.tensors())
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -348,12 +339,6 @@ class Loop:
         for e in self.entries.values():
             e.graph = None
         log.warning("fp8stream: decode steps run without CUDA graphs: %s", why)
-
-
-def _python_attributes(cache) -> list[tuple[object, dict]]:
-    """The cache's (and its layers') plain attributes, to put back after a warm-up forward changed them."""
-    objs = [cache] + list(getattr(cache, "layers", []) or [])
-    return [(o, {k: v for k, v in vars(o).items() if v is None or isinstance(v, (bool, int, float, str))}) for o in objs]
 
 
 def _unsupported_layers(model) -> str | None:
