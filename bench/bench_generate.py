@@ -13,7 +13,7 @@ Variants (random weights from bench/configs/<model>; the same shapes, kept modul
                  take, so transformers' loop runs, each forward replayed from a CUDA graph (decode.py)
   fp8_eager      the same FP8 model, generate(cache_implementation="dynamic", disable_compile=True)
 A variant may carry settings for its worker's environment after '@', '+'-separated (an A/B of one knob in one
-run): fp8@FP8STREAM_GEMV_ROWS=rows+FP8STREAM_CACHE_ROUND=256 is the fp8 variant with those two set.
+run): fp8@FP8STREAM_CACHE_ROUND=256+FP8STREAM_FUSED_NORMS=0 is the fp8 variant with those two set.
 
 Each (variant, repetition) is a fresh worker process; repetitions are interleaved (rep 1 of every variant,
 then rep 2, ...). A worker: imports, builds the model, runs generate(max_new_tokens=2) (ready_s: process

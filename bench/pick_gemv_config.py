@@ -1,8 +1,8 @@
-"""The one tile config per decode kernel that is fastest over a decode step's Linear shapes, from bench/sweep_gemv.py's
+"""The one tile config per decode kernel (kernels._gemv_config) that is fastest over a decode step's Linear shapes, from bench/sweep_gemv.py's
 JSON lines: sum over shapes of (µs at that config) x (that shape's Linears per Llama-3.1-8B layer). Prints
-KERNEL:BN/BK/WARPS/STAGES per kernel (the value FP8STREAM_GEMV_ROWS takes) and the weighted sums.
+the best BN/BK/WARPS/STAGES per kernel and the weighted sums against its default tiles.
 
-    python bench/pick_gemv_config.py SWEEP.jsonl --m 8 [--kernels gemv_swap,gemv_rows]
+    python bench/pick_gemv_config.py SWEEP.jsonl --m 8 [--kernels gemv]
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import json
 from collections import defaultdict
 
 PER_LAYER = {(4096, 4096): 2, (1024, 4096): 2, (14336, 4096): 2, (4096, 14336): 1}  # q,o; k,v; gate,up; down
-ENV_NAME = {"gemv": "tc", "gemv_swap": "swap", "gemv_rows": "rows"}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep")
     ap.add_argument("--m", type=int, default=8)
-    ap.add_argument("--kernels", default="gemv_swap,gemv_rows")
+    ap.add_argument("--kernels", default="gemv")
     ap.add_argument("--scheme", default="fp8_per_channel")
     args = ap.parse_args(argv)
     recs = [json.loads(line) for line in open(args.sweep) if line.strip()]
@@ -38,7 +37,6 @@ def main(argv=None) -> int:
         best = min(full, key=full.get)
         default = sum(r[f"{kern}_default_us"] * PER_LAYER[(r["n"], r["k"])] for r in recs if f"{kern}_default_us" in r)
         print(f"# {kern}: best {best} {full[best]:.1f} us per layer (default tiles {default:.1f})")
-        print(f"{ENV_NAME[kern]}:{'/'.join(map(str, best))}")
     return 0
 
 

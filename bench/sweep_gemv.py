@@ -13,7 +13,6 @@ tile config in the grid. Prints a summary table; one JSON line per measurement i
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import sys
@@ -93,8 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer configs and shapes")
     ap.add_argument("--schemes", default="fp8_per_channel,fp8_per_block")
     ap.add_argument("--kernels", default="gemv,gemv1",
-                    help="gemv: the tensor-core kernel (fp8_gemv_kernel, M <= 16); gemv_swap: the same with the weight as "
-                         "the MMA's row operand; gemv_rows: CUDA cores, several rows; gemv1: the one-row kernel (M = 1 only)")
+                    help="gemv: the tensor-core kernel (fp8_gemv_kernel, M <= 16); gemv1: the one-row kernel (M = 1 only)")
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--no-grid", action="store_true", help="default tiles only (no search)")
     args = ap.parse_args(argv)
@@ -103,11 +101,7 @@ def main(argv=None) -> int:
     caps = K.caps(dev)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} caps {caps}", flush=True)
     hbm = 4.8e6 if "H200" in torch.cuda.get_device_name() else 3.35e6  # bytes per microsecond
-    launch = {"gemv": functools.partial(K._launch_gemv, kernel="tc"), "gemv1": K._launch_gemv1,
-              "gemv_swap": functools.partial(K._launch_gemv, kernel="swap"),
-              "gemv_rows": functools.partial(K._launch_gemv, kernel="rows")}
-    grids = {"gemv_swap": list(itertools.product([16, 32, 64, 128], [128, 256, 512], [4, 8], [3, 4])),
-             "gemv_rows": list(itertools.product([2, 4, 8, 16], [64, 128, 256, 512], [4, 8], [2, 3]))}
+    launch = {"gemv": K._launch_gemv, "gemv1": K._launch_gemv1}
     grid1 = list(itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3]))  # gemv1: BN, BK, warps, stages
     kernels = args.kernels.split(",")
     ms = [int(v) for v in args.ms.split(",")]
@@ -134,22 +128,16 @@ def main(argv=None) -> int:
                     rec["two_kernel_us"] = time_graph([lambda q=q, s=s: K.linear_fast(x, q, s, None, scheme, two, decode_rule=False)
                                                        for q, s in ws])
                 rec["gemv_default_config"] = K._gemv_config(n, scheme == "fp8_per_block")
-                rec["gemv_swap_default_config"] = K._gemv_config(n, scheme == "fp8_per_block", "swap")
-                rec["gemv_rows_default_config"] = K._gemv_config(n, scheme == "fp8_per_block", "rows")
                 rec["gemv1_default_config"] = K._gemv1_config(n, k)
                 rec["entry_us"] = time_graph([lambda q=q, s=s: K.gemv(x, q, s, None, scheme) for q, s in ws])  # what FP8Linear runs
                 ref = K.reference_linear(x, *ws[0], None, scheme).float()
                 for kern in kernels:
                     if kern == "gemv1" and m != 1:
                         continue
-                    if kern == "gemv_rows" and m == 1:
-                        continue
                     fn = launch[kern]
                     rec[f"{kern}_default_us"] = time_graph([lambda q=q, s=s: fn(x, q, s, None, scheme) for q, s in ws])
-                    configs = [] if args.no_grid else (grid1 if kern == "gemv1" else grids.get(kern, grid))
+                    configs = [] if args.no_grid else (grid1 if kern == "gemv1" else grid)
                     configs = [cfg for cfg in configs if not (scheme == "fp8_per_block" and cfg[1] != 128)]
-                    if kern == "gemv_rows":  # the [BM, BN, BK] float32 accumulator must fit the registers
-                        configs = [cfg for cfg in configs if K._pow2(m) * cfg[0] * cfg[1] <= 128 * 32 * cfg[2]]
                     best = best_config(configs, lambda cfg: [lambda q=q, s=s: fn(x, q, s, None, scheme, cfg) for q, s in ws],
                                        ref, 0.06, kern, all_timings=rec.setdefault(f"{kern}_all", []))
                     if best:

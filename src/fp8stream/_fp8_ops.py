@@ -7,8 +7,6 @@ to its launcher). Builds on _kernel_caps only.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -189,28 +187,17 @@ def _fake(name: str):
     return torch.library.register_fake(f"fp8stream::{name}", lib=_LIB)
 
 
-def _gemv_config(n: int, blockwise: bool, kernel: str = "tc") -> tuple[int, int, int, int]:
-    """BN, BK, num_warps, num_stages of the 2-16-row kernels. tc: the fastest in bench/sweep_gemv.py at M = 1 and 16
-    on the Llama-8B and Qwen1.5-MoE shapes (H200, L2-cold weights); BK is 128 for block scales (one scale per K
-    step). swap / rows: starting points for the sweep (bench/sweep_gemv.py --kernels gemv_swap,gemv_rows)."""
-    if kernel == "rows":
-        return 4, (128 if blockwise else 256), 4, 3
-    if kernel == "swap":
-        return 32, 128 if blockwise else 256, 4, 4
+def _gemv_config(n: int, blockwise: bool) -> tuple[int, int, int, int]:
+    """BN, BK, num_warps, num_stages of the 2-16-row kernel: BK 128 with 5 stages was the fastest of 36 configs on 3 of
+    the 4 Llama-8B Linear shapes at M = 8 and within 7 % on the fourth (H100, L2-cold weights; -4.6 % per layer
+    against the former 512 / 3 stages; bench/sweep_gemv.py, BENCHMARKS.md); BK is 128 for block scales too (one
+    scale per K step)."""
     if blockwise:
         return 32, 128, 4, 3
-    return 32, 256 if n >= 8192 else 512, 4, 3
+    return 32, 128, 4, 5
 
 
-# Which kernel takes 2..16 rows: tc (fp8_gemv_kernel, X @ W^T on tensor cores), swap (the same with W as the MMA's row
-# operand), rows (CUDA cores, fp8_gemv1_kernel's tiles for several rows). FP8STREAM_GEMV_ROWS=KERNEL[:BN/BK/WARPS/STAGES]
-# (benchmarks: an A/B of kernels and tiles in fresh processes).
-_ROWS_KERNEL, _, _ROWS_TILES = os.environ.get("FP8STREAM_GEMV_ROWS", "tc").partition(":")
-_ROWS_CONFIG = tuple(int(v) for v in _ROWS_TILES.replace("/", ",").split(",")) if _ROWS_TILES else None
-
-
-def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, int] | None = None,
-                 kernel: str | None = None) -> torch.Tensor:
+def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     tk = triton_kernels()
     m, k = x.shape
     n = w.shape[0]
@@ -218,16 +205,13 @@ def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, 
     if m == 0:
         return out
     blockwise = scheme == "fp8_per_block"
-    if kernel is None:
-        kernel, config = _ROWS_KERNEL, config or _ROWS_CONFIG
-    bn, bk, warps, stages = config or _gemv_config(n, blockwise, kernel)
+    bn, bk, warps, stages = config or _gemv_config(n, blockwise)
     ws = w_scale if blockwise else w_scale.view(-1, 1)
-    fn = {"tc": tk.fp8_gemv_kernel, "swap": tk.fp8_gemv_swap_kernel, "rows": tk.fp8_gemv_rows_kernel}[kernel]
-    fn[(-(-n // bn),)](
+    tk.fp8_gemv_kernel[(-(-n // bn),)](
         x, w, ws, bias if bias is not None else out, out, m, n, k,
         x.stride(0), w.stride(0), ws.stride(0), ws.stride(1), out.stride(0),
-        BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BM=max(1 if kernel == "rows" else 16, _pow2(m)), BN=bn,
-        BK=bk, num_warps=warps, num_stages=stages)
+        BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BM=max(16, _pow2(m)), BN=bn, BK=bk,
+        num_warps=warps, num_stages=stages)
     return out
 
 
