@@ -95,6 +95,7 @@ def main(argv=None) -> int:
                     help="gemv: the tensor-core kernel (fp8_gemv_kernel, M <= 16); gemv1: the one-row kernel (M = 1 only)")
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--no-grid", action="store_true", help="default tiles only (no search)")
+    ap.add_argument("--splits", default="1,2,4,8", help="split-K counts the tensor-core kernel's grid tries")
     args = ap.parse_args(argv)
     out = Path(args.out)
     dev = torch.device("cuda")
@@ -105,10 +106,11 @@ def main(argv=None) -> int:
     grid1 = list(itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3]))  # gemv1: BN, BK, warps, stages
     kernels = args.kernels.split(",")
     ms = [int(v) for v in args.ms.split(",")]
-    grid = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 5]))
+    splits = [int(v) for v in args.splits.split(",")]
+    grid = list(itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 5], splits))  # BN, BK, warps, stages, splits
     shapes = SHAPES[:4] if args.quick else SHAPES
     if args.quick:
-        grid = list(itertools.product([16, 32, 64], [128, 256], [4], [3, 5]))
+        grid = list(itertools.product([16, 32, 64], [128], [4], [3, 5], splits))
     rows = []
     t_start = time.perf_counter()
     for scheme in args.schemes.split(","):
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
                     two = caps._replace(triton_gemv=False)  # the W8A8 path FP8Linear takes above GEMV_MAX_M rows
                     rec["two_kernel_us"] = time_graph([lambda q=q, s=s: K.linear_fast(x, q, s, None, scheme, two, decode_rule=False)
                                                        for q, s in ws])
-                rec["gemv_default_config"] = K._gemv_config(n, scheme == "fp8_per_block")
+                rec["gemv_default_config"] = K._gemv_config(n, k, scheme == "fp8_per_block")
                 rec["gemv1_default_config"] = K._gemv1_config(n, k)
                 rec["entry_us"] = time_graph([lambda q=q, s=s: K.gemv(x, q, s, None, scheme) for q, s in ws])  # what FP8Linear runs
                 ref = K.reference_linear(x, *ws[0], None, scheme).float()

@@ -366,7 +366,8 @@ def test_triton_experts_decode_in_interpreter(scheme, act):
 def test_triton_gemv_in_interpreter(scheme):
     """The decode kernels (W8A16) compute x @ dequantize(w)^T + bias: one row (CUDA-core kernel, every tile
     config the sweep tries), M padded to 16 and 32 (tensor-core kernel), N and K not multiples of the tiles
-    (nor of 128), fp16 and fp32 activations (the interpreter cannot multiply bf16)."""
+    (nor of 128), fp16 and fp32 activations (the interpreter cannot multiply bf16); split-K with 2-8 K ranges, the
+    last one short."""
     q, s = _quantize_weight(torch.randn(144, 1008), scheme)
     x, bias = torch.randn(1, 1008), torch.randn(144)
     ref = x.double() @ dequantize(q, s, scheme).double().t() + bias.double()
@@ -383,8 +384,12 @@ def test_triton_gemv_in_interpreter(scheme):
                 assert _rel(K.linear_fast(x, q, s, bias, scheme, K.Caps(triton_gemv=True)), ref) < tol
             else:
                 assert K.linear_fast(x, q, s, bias, scheme, K.Caps(triton_gemv=True)) is None
-            if 1 < m <= K.GEMV_MAX_M:  # the 2..16-row kernel with other tiles than its default
-                for cfg in ((16, 256, 4, 2), (64, 128, 8, 3)):
+            if 1 < m <= K.GEMV_MAX_M:  # the 2..16-row kernel with other tiles than its default, split-K too
+                for cfg in ((16, 256, 4, 2), (64, 128, 8, 3), (32, 128, 4, 3, 3), (16, 128, 4, 2, 8)):
+                    if scheme == "fp8_per_block" and cfg[1] != 128:  # one block scale per K step: BK 128 only
+                        with pytest.raises(ValueError, match="BK 128"):
+                            K._launch_gemv(x, q, s, bias, scheme, cfg)
+                        continue
                     y = K._launch_gemv(x, q, s, bias, scheme, cfg)
                     assert y.dtype == dtype and _rel(y, ref) < tol, (cfg, m, n, k, dtype)
 

@@ -433,3 +433,47 @@ def test_cli_fuses_gate_up_unless_told_not_to(checkpoints):
         return json.loads(out)["gate_up_fused"]
 
     assert fused() == 2 and fused("--no-fuse-gate-up") == 0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_qkv_loaded_into_one_storage_and_run_as_one_gemm(checkpoints, arch, scheme, monkeypatch):
+    """Each attention's q, k and v weights (and biases: Qwen2, OPT) are rows of one storage, and the model computes
+    what it computes with every projection alone (FP8STREAM_FUSE_QKV=0) at prefill and decode sizes."""
+    from fp8stream import modules
+
+    path, _ = checkpoints(arch)
+    model = fp8stream.load(path, device="cpu", scheme=scheme, progress=False)
+    attns = [m for m in model.modules() if isinstance(getattr(m, "q_proj", None), FP8Linear)]
+    assert len(attns) == model.config.num_hidden_layers
+    if scheme == "fp8_per_block" and any(m.k_proj.out_features % 128 for m in attns):  # not whole scale blocks
+        assert model.fp8stream_report.qkv_fused == 0 and not any(m.q_proj.fp8_shared for m in attns)
+        return
+    assert model.fp8stream_report.qkv_fused == len(attns)
+    for m in attns:
+        q, k, v = m.q_proj, m.k_proj, m.v_proj
+        group = q.fp8_shared[0]
+        assert k.fp8_shared == (group, 1) and v.fp8_shared == (group, 2)
+        assert torch.equal(group.weight, torch.cat([q.weight, k.weight, v.weight]))
+        assert q.weight.untyped_storage().data_ptr() == v.weight.untyped_storage().data_ptr()
+        if q.bias is not None:
+            assert q.bias.untyped_storage().data_ptr() == v.bias.untyped_storage().data_ptr()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    calls = []
+    monkeypatch.setattr(modules, "fp8_linear", lambda *a, **kw: calls.append(a[1].shape[0]) or _fp8_linear(*a, **kw))
+    with torch.no_grad():
+        fused = [model(ids).logits, model(ids[:, :1]).logits]
+        n_fused = len(calls)
+        monkeypatch.setattr(modules, "FUSE_QKV", False)
+        alone = [model(ids).logits, model(ids[:, :1]).logits]
+    # the same per-column products; only BLAS's float32 summation order may differ with the GEMM's width
+    for a, b in zip(fused, alone):
+        assert _rel(a, b) < 1e-5
+    assert len(calls) - n_fused == n_fused + 2 * 2 * len(attns)  # alone: two more GEMMs per attention and forward
+    assert all(group.enabled for group in (m.q_proj.fp8_shared[0] for m in attns))
+
+
+def _fp8_linear(*args, **kwargs):
+    from fp8stream._fp8_linear import fp8_linear
+
+    return fp8_linear(*args, **kwargs)

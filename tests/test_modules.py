@@ -275,3 +275,76 @@ def test_fused_gated_mlp_keeps_two_projections_at_decode_sizes(monkeypatch):
     widths.clear()
     mlp(torch.randn(kernels.GEMV_MAX_M + 1, 64))
     assert widths == [256, 64]  # gate|up, down
+
+
+def _qkv(scheme, sizes=(256, 128, 128), k=256, bias=True):
+    """Three FP8Linears in one fused storage, as the loader leaves an attention's q / k / v, grouped (SharedInput)."""
+    from fp8stream.modules import fuse_shared_input, fused_storage, row_parts
+
+    torch.manual_seed(0)
+    parts = tuple(FP8Linear(k, n, bias, scheme, torch.float32, device="cpu") for n in sizes)
+    w, s = fused_storage(parts, "cpu")
+    for p, wp, sp in zip(parts, row_parts(w, parts), row_parts(s, parts)):
+        q, qs = _quantize_weight(torch.randn(p.out_features, k), scheme)
+        wp.copy_(q)
+        sp.copy_(qs.reshape(sp.shape))
+        p.weight, p.weight_scale = nn.Parameter(wp, requires_grad=False), nn.Parameter(sp, requires_grad=False)
+        if bias:
+            p.bias = nn.Parameter(torch.randn(p.out_features), requires_grad=False)
+    assert fuse_shared_input(parts, w, s)
+    return parts
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_shared_input_runs_one_gemm_and_computes_what_each_part_computes(scheme, monkeypatch):
+    """q, k, v on one input: one GEMM (any call order), each output what the part computes alone; another input for
+    k (cross-attention) or a part whose weight was replaced: that part alone, still right; outputs computed for
+    nothing turn the group off."""
+    from fp8stream import modules
+
+    parts = _qkv(scheme)
+    group = parts[0].fp8_shared[0]
+    widths = []
+    real = modules.fp8_linear
+    monkeypatch.setattr(modules, "fp8_linear", lambda x, w, *a, **kw: widths.append(w.shape[0]) or real(x, w, *a, **kw))
+
+    def alone(p, x):
+        return real(x, p.weight, p.weight_scale, p.bias, p.scheme)
+
+    for m in (1, 8, 40):  # decode (W8A16) and prefill (W8A8) sizes
+        x = torch.randn(2, m, 256)
+        for order in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
+            widths.clear()
+            outs = {i: parts[i](x) for i in order}
+            assert widths == [512], (m, order)  # one GEMM over the fused [q | k | v] rows
+            for i, p in enumerate(parts):
+                assert outs[i].shape == (2, m, p.out_features)
+                assert _rel(outs[i], alone(p, x)) < 1e-6, (m, order, i)
+    x, other = torch.randn(3, 256), torch.randn(3, 256)
+    # an input changed in place between the calls: k and v compute again, from the new values
+    q = parts[0](x)
+    x.mul_(2)
+    assert _rel(parts[1](x), alone(parts[1], x)) < 1e-6
+    assert _rel(q, alone(parts[0], x / 2)) < 1e-6
+    assert not group.enabled  # k's kept output (for the old x) went unused: the group now runs its parts alone
+    widths.clear()
+    for p in parts:
+        assert _rel(p(other), alone(p, other)) < 1e-6
+    assert widths == [256, 128, 128]
+
+    parts = _qkv(scheme)
+    group = parts[0].fp8_shared[0]
+    parts[1].weight = nn.Parameter(torch.zeros_like(parts[1].weight), requires_grad=False)  # replaced by the user
+    widths.clear()
+    outs = [p(x) for p in parts]
+    assert torch.count_nonzero(outs[1] - parts[1].bias) == 0  # its own (zero) weight, not the fused storage's
+    assert _rel(outs[2], alone(parts[2], x)) < 1e-6 and group.enabled
+    monkeypatch.setattr(modules, "FUSE_QKV", False)
+    widths.clear()
+    [p(x) for p in parts]
+    assert widths == [256, 128, 128]
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

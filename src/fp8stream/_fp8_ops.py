@@ -187,17 +187,22 @@ def _fake(name: str):
     return torch.library.register_fake(f"fp8stream::{name}", lib=_LIB)
 
 
-def _gemv_config(n: int, blockwise: bool) -> tuple[int, int, int, int]:
-    """BN, BK, num_warps, num_stages of the 2-16-row kernel: BK 128 with 5 stages was the fastest of 36 configs on 3 of
-    the 4 Llama-8B Linear shapes at M = 8 and within 7 % on the fourth (H100, L2-cold weights; -4.6 % per layer
-    against the former 512 / 3 stages; bench/sweep_gemv.py, BENCHMARKS.md); BK is 128 for block scales too (one
-    scale per K step)."""
-    if blockwise:
-        return 32, 128, 4, 3
-    return 32, 128, 4, 5
+_GEMV_PROGRAMS = 256  # split-K target: about two programs per SM on an H100 (132 SMs)
+_GEMV_MIN_STEPS = 4  # K steps (of BK) per split at least, so a split still streams a few stages deep
 
 
-def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def _gemv_config(n: int, k: int, blockwise: bool) -> tuple[int, int, int, int, int]:
+    """BN, BK, num_warps, num_stages, K splits of the 2-16-row kernel. BK 128 with 5 stages was the fastest of 36
+    tile configs on 3 of the 4 Llama-8B Linear shapes at M = 8 and within 7 % on the fourth (H100, L2-cold weights;
+    bench/sweep_gemv.py, BENCHMARKS.md); BK is 128 for block scales too (one scale per K step). Splits: enough
+    (up to _kernel_caps.GEMV_SPLIT_K) for about _GEMV_PROGRAMS programs over N / BN column tiles."""
+    bn, bk = 32, 128
+    tiles, steps = -(-n // bn), -(-k // bk)
+    split = max(1, min(_kernel_caps.GEMV_SPLIT_K, -(-_GEMV_PROGRAMS // tiles), steps // _GEMV_MIN_STEPS))
+    return bn, bk, 4, (3 if blockwise else 5), split
+
+
+def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, ...] | None = None) -> torch.Tensor:
     tk = triton_kernels()
     m, k = x.shape
     n = w.shape[0]
@@ -205,13 +210,24 @@ def _launch_gemv(x, w, w_scale, bias, scheme: str, config: tuple[int, int, int, 
     if m == 0:
         return out
     blockwise = scheme == "fp8_per_block"
-    bn, bk, warps, stages = config or _gemv_config(n, blockwise)
+    bn, bk, warps, stages, split = (*config, 1)[:5] if config else _gemv_config(n, k, blockwise)
+    if blockwise and (bk != BLOCK or BLOCK % bn):
+        raise ValueError(f"fp8_per_block gemv needs BK 128 and BN dividing 128 (one block scale per K step), got {config}")
+    steps = -(-k // bk)
+    k_per_split = -(-steps // max(1, min(split, steps))) * bk
+    split = -(-k // k_per_split)  # no empty split
     ws = w_scale if blockwise else w_scale.view(-1, 1)
-    tk.fp8_gemv_kernel[(-(-n // bn),)](
-        x, w, ws, bias if bias is not None else out, out, m, n, k,
+    has_bias = bias is not None
+    target = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    tk.fp8_gemv_kernel[(-(-n // bn), split)](
+        x, w, ws, bias if has_bias else out, target, m, n, k, k_per_split,
         x.stride(0), w.stride(0), ws.stride(0), ws.stride(1), out.stride(0),
-        BLOCKWISE=blockwise, HAS_BIAS=bias is not None, BM=max(16, _pow2(m)), BN=bn, BK=bk,
+        BLOCKWISE=blockwise, HAS_BIAS=has_bias, SPLIT=split > 1, BM=max(16, _pow2(m)), BN=bn, BK=bk,
         num_warps=warps, num_stages=stages)
+    if split > 1:
+        tk.gemv_reduce_kernel[(-(-n // 1024), m)](
+            target, ws, bias if has_bias else out, out, m, n, split, ws.stride(0), out.stride(0),
+            SCALE_ROWS=not blockwise, HAS_BIAS=has_bias, BLOCK=1024, num_warps=4)
     return out
 
 

@@ -39,6 +39,9 @@ _TRITON_MAX_M = int(os.environ.get("FP8STREAM_TRITON_MAX_M", "0") or 0)
 # and cost a kernel (bench/sweep_gemv.py), and the unquantized rows are more accurate.
 # FP8STREAM_GEMV_MAX_M=0: W8A8 at every size.
 GEMV_MAX_M = int(os.environ.get("FP8STREAM_GEMV_MAX_M", "16") or 0)
+# The 2-16-row kernel splits K into at most this many ranges (one program each, float32 partials summed by a second
+# kernel) where N / 32 column tiles alone leave SMs idle (N = 1024-4096 at K = 4096-14336). 1: never (an A/B knob).
+GEMV_SPLIT_K = max(1, int(os.environ.get("FP8STREAM_GEMV_SPLIT_K", "8") or 1))
 # The same rule for MoE experts, by the layer's token count: each (token, expert) pair is one gemv row that
 # reads its expert's weight, so at 16 tokens (64-128 pairs) the grouped W8A8 GEMM, which reads each routed
 # expert once, is faster again; at 1-8 tokens the pair kernels are 1.1-2.7x faster (bench/sweep_experts.py).

@@ -19,7 +19,9 @@ fp8_gemv_kernel      small M (decode): C = X @ (B * sb)^T (+ bias) with X as it 
                      quantization) and B's FP8 bytes widened in registers; one kernel per Linear. At a
                      handful of rows the weight bytes are the time; a fused per-token quantization needs
                      the row amax before the first weight byte is used, which measured 1.3-2x slower
-                     (bench/sweep_gemv.py).
+                     (bench/sweep_gemv.py). Split-K (SPLIT): K cut into S ranges, one program each, float32
+                     partials summed by gemv_reduce_kernel; more programs where N alone gives too few.
+gemv_reduce_kernel   the split-K epilogue: sum of the partials in split order, rowwise scale, bias, cast.
 rms_norm_kernel      one program per row: transformers' standard RMSNorm (float32 mean of squares, rsqrt, the
                      normalized row rounded to the input dtype, then times the weight) in one pass (norms.py).
 """
@@ -194,22 +196,28 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, e
 
 
 @triton.jit
-def fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+def fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
                     stride_xm, stride_wn, stride_ws_n, stride_ws_k, stride_om,
-                    BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # x as it comes (bf16 / fp16; fp32 in full precision), the FP8 weight widened in registers.
+    # SPLIT (split-K): program (n, s) covers K columns [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) and stores its float32
+    # partial product, unscaled for rowwise scales, at out_ptr + s * M * N (out [S, M, N]); gemv_reduce_kernel sums them.
+    # Why: at N = 1024-4096 one program per 32 columns leaves most SMs idle while K streams through a few of them.
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rm = tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     mask_m = rm < M
     mask_n = rn < N
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_start + rk)[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + (k_start + rk)[:, None]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kmask = (k0 + rk) < K
+    for k0 in range(k_start, k_end, BK):
+        kmask = (k0 + rk) < k_end
         x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[None, :] & kmask[:, None], other=0.0).to(x_ptr.dtype.element_ty)
         if BLOCKWISE:  # BK == 128 and BN divides 128: one weight scale per K step
@@ -219,12 +227,35 @@ def fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
             acc += tl.dot(x, w, input_precision="ieee")
         x_ptrs += BK
         w_ptrs += BK
-    if not BLOCKWISE:
-        acc = acc * tl.load(ws_ptr + rn * stride_ws_n, mask=mask_n, other=0.0)[None, :]
+    if SPLIT:
+        part_ptrs = out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        if not BLOCKWISE:
+            acc = acc * tl.load(ws_ptr + rn * stride_ws_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def gemv_reduce_kernel(part_ptr, ws_ptr, bias_ptr, out_ptr, M, N, S, stride_ws_n, stride_om,
+                       SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # out[m, n] = sum_s part[s, m, n] (* rowwise weight scale[n]) (+ bias[n]): fp8_gemv_kernel's split-K epilogue,
+    # summed in split order (deterministic, unlike atomics).
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + (s * M + m) * N + rn, mask=mask, other=0.0)
+    if SCALE_ROWS:
+        acc = acc * tl.load(ws_ptr + rn * stride_ws_n, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """FP8Linear (in place of nn.Linear and transformers' Conv1D), the gated-MLP fusion (gate_proj and up_proj as one GEMM),
-and the function that swaps FP8 modules into a meta-device model (FP8Linear, or one of experts.py's modules for
+the shared-input fusion (an attention's q_proj, k_proj and v_proj as one GEMM), and the function that swaps FP8 modules into a meta-device model (FP8Linear, or one of experts.py's modules for
 transformers' fused MoE experts), with the coverage report of what it swapped.
 
 The weight and scale layouts and the FP8 matmul (fast CUDA paths of kernels.py, float32 reference elsewhere) are
@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import os
 import re
 import textwrap
 import types
+import weakref
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -40,7 +42,14 @@ class FP8Linear(nn.Module):
         self.weight_scale = _empty_param(_scale_shape(scheme, (), out_features, in_features), torch.float32, device)
         self.bias = _empty_param((out_features,), dtype, device) if bias else None
 
+    # (SharedInput, this module's index in it) once the loader put it in a shared-input group (fuse_shared_input)
+    fp8_shared: tuple[SharedInput, int] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_shared is not None:
+            y = self.fp8_shared[0].output(self, self.fp8_shared[1], x)
+            if y is not None:
+                return y
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.scheme)
 
     def extra_repr(self) -> str:
@@ -102,13 +111,23 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def fused_storage(parts: tuple[FP8Linear, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty storage for sibling FP8Linears of one in_features and scheme as one [sum of N, K] weight and its scales:
+    the loader fills each part's rows (row_parts), then fuse_gate_up / fuse_shared_input run them as one GEMM."""
+    n, k = sum(p.out_features for p in parts), parts[0].in_features
+    return (torch.empty(n, k, dtype=FP8_DTYPE, device=device),
+            torch.empty(_scale_shape(parts[0].scheme, (), n, k), dtype=torch.float32, device=device))
+
+
+def row_parts(t: torch.Tensor, parts: tuple[FP8Linear, ...]) -> list[torch.Tensor]:
+    """Each part's rows of a fused_storage weight or scale, as views, in order (block scales: 128-row blocks)."""
+    unit = sum(p.out_features for p in parts) // t.shape[0]
+    return list(t.split([p.out_features // unit for p in parts]))
+
+
 def gate_up_storage(mlp: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty storage for a gated MLP's gate and up weights as one [2N, K] weight and its scales: the loader fills
-    gate's rows into the first half and up's into the second (halves), then fuse_gate_up runs them as one GEMM."""
-    gate = mlp.gate_proj
-    n, k = gate.out_features, gate.in_features
-    return (torch.empty(2 * n, k, dtype=FP8_DTYPE, device=device),
-            torch.empty(_scale_shape(gate.scheme, (), 2 * n, k), dtype=torch.float32, device=device))
+    """A gated MLP's gate and up weights as one [2N, K] weight and its scales (fused_storage)."""
+    return fused_storage((mlp.gate_proj, mlp.up_proj), device)
 
 
 def halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,10 +160,14 @@ class GateUp(NamedTuple):
 
 
 def _halves_of(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    gate, up = mlp.gate_proj, mlp.up_proj
-    return all(p.data_ptr() == whole.data_ptr() + i * p.nbytes and 2 * p.shape[0] == whole.shape[0]
-               for whole, parts in ((weight, (gate.weight, up.weight)), (weight_scale, (gate.weight_scale, up.weight_scale)))
-               for i, p in enumerate(parts))
+    return _parts_of((mlp.gate_proj, mlp.up_proj), weight, weight_scale)
+
+
+def _parts_of(parts: tuple[FP8Linear, ...], weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """True when the parts' weights and scales are, in order, the row_parts of (weight, weight_scale)."""
+    return all(p.data_ptr() == v.data_ptr() and p.shape == v.shape
+               for whole, attr in ((weight, "weight"), (weight_scale, "weight_scale"))
+               for p, v in zip((getattr(m, attr) for m in parts), row_parts(whole, parts)))
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -166,6 +189,92 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(gate_up, down.weight, down.weight_scale, down.bias, down.scheme, act=True)
     g, u = gate_up.chunk(2, dim=-1)
     return down(self.act_fn(g) * u)
+
+
+# ---- shared input: an attention's q_proj, k_proj and v_proj as one GEMM ----
+
+# FP8STREAM_FUSE_QKV=0: every projection runs alone again (on the same storage; an A/B knob for benchmarks).
+FUSE_QKV = os.environ.get("FP8STREAM_FUSE_QKV", "1") != "0"
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def qkv_groups(model: nn.Module) -> list[tuple[FP8Linear, ...]]:
+    """(q_proj, k_proj, v_proj) of every module that has all three as FP8Linear of one in_features and scheme, all with
+    or all without bias (fp8_per_block: whole 128-row scale blocks): they can share one storage (fused_storage)."""
+    out = []
+    for module in model.modules():
+        parts = tuple(getattr(module, name, None) for name in _QKV)
+        if not all(isinstance(p, FP8Linear) and not p.transposed_source for p in parts):
+            continue
+        q = parts[0]
+        if any(p.in_features != q.in_features or p.scheme != q.scheme or (p.bias is None) != (q.bias is None) for p in parts):
+            continue
+        if q.scheme == "fp8_per_block" and any(p.out_features % BLOCK for p in parts):
+            continue
+        out.append(parts)
+    return out
+
+
+def fuse_shared_input(parts: tuple[FP8Linear, ...], weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """If the parts' loaded weights are the row_parts of (weight, weight_scale), make them one SharedInput group (their
+    biases, if any, copied into one tensor the parts then view). False if they are not."""
+    if not _parts_of(parts, weight, weight_scale):
+        return False
+    bias = None
+    if parts[0].bias is not None:
+        bias = torch.cat([p.bias.detach() for p in parts])
+        for p, b in zip(parts, bias.split([p.out_features for p in parts])):
+            p.bias.data = b
+    group = SharedInput(parts, weight, weight_scale, bias)
+    for t in (weight, weight_scale, bias):
+        if t is not None:
+            setattr(t, STATIC_ADDRESS_MARK, "unguarded")  # see fuse_gate_up
+    for i, p in enumerate(parts):
+        p.fp8_shared = (group, i)
+    return True
+
+
+class SharedInput:
+    """Sibling projections of one input (an attention's q, k, v) as one GEMM: the first of them called with an input
+    computes every part's output over the fused weight and keeps the others' (column views) for their own calls with
+    that same tensor, unchanged (version counter); anything else makes a part compute alone, from its own parameters,
+    so the function is the same (same weights, same per-column products) whatever the caller does. A group whose kept
+    outputs go unused (e.g. cross-attention: k and v from another input) runs its parts alone from then on."""
+
+    def __init__(self, parts: tuple[FP8Linear, ...], weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None):
+        self.weight, self.weight_scale, self.bias, self.scheme = weight, weight_scale, bias, parts[0].scheme
+        self.sizes = [p.out_features for p in parts]
+        self._views = [(w.data_ptr(), s.data_ptr()) for w, s in zip(row_parts(weight, parts), row_parts(weight_scale, parts))]
+        self._bias_ptrs = [b.data_ptr() for b in bias.split(self.sizes)] if bias is not None else None
+        self.enabled = True
+        self._pending: tuple[weakref.ref, int | None, list[torch.Tensor | None]] | None = None
+
+    def _intact(self, part: FP8Linear, i: int) -> bool:
+        # weights replaced since the load (`.data = ...`, `.to()`, a deepcopy): that part is not in the fused storage
+        return ((part.weight.data_ptr(), part.weight_scale.data_ptr()) == self._views[i]
+                and (part.bias is None) == (self._bias_ptrs is None)
+                and (part.bias is None or part.bias.data_ptr() == self._bias_ptrs[i]))
+
+    def output(self, part: FP8Linear, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Part i's output for x, or None: the part computes alone (disabled, compiling: dynamo keeps no Python
+        state between calls, or its weights moved)."""
+        if not (FUSE_QKV and self.enabled) or torch.compiler.is_compiling() or not self._intact(part, i):
+            return None
+        version = None if x.is_inference() else x._version
+        p = self._pending
+        if p is not None and p[0]() is x and p[1] == version and p[2][i] is not None:
+            y, p[2][i] = p[2][i], None
+            if not any(t is not None for t in p[2]):
+                self._pending = None
+            return y
+        if p is not None and any(t is not None for t in p[2]):
+            self.enabled, self._pending = False, None  # outputs computed for nothing: this caller does not share
+            return None
+        outs: list[torch.Tensor | None] = list(fp8_linear(x, self.weight, self.weight_scale, self.bias, self.scheme).split(self.sizes, dim=-1))
+        y, outs[i] = outs[i], None
+        self._pending = (weakref.ref(x), version, outs)
+        return y
 
 
 _SETUP_METHODS = {"__init__", "_init_weights", "reset_parameters", "init_weights", "extra_repr", "__repr__"}

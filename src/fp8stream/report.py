@@ -35,6 +35,7 @@ class LoadReport:
     streaming_seconds: float = 0.0  # the first read to the last weight on the device
     quantized_fraction: float = 0.0  # FP8 share of the >= 2-D weights outside the embeddings (elements)
     gate_up_fused: int = 0  # gated MLPs whose gate and up projections run as one GEMM (load's fuse_gate_up)
+    qkv_fused: int = 0  # attentions whose q, k and v projections share one storage and GEMM (modules.SharedInput)
     quantized_modules: list[str] = field(default_factory=list)
     kept_modules: list[str] = field(default_factory=list)
     kept_sensitive: list[str] = field(default_factory=list)  # kept in the model dtype by keep_sensitive

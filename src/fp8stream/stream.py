@@ -18,7 +18,7 @@ from torch import nn
 from .errors import CheckpointError, Fp8StreamError
 from .load_plan import TargetPlan
 from .memory import MemoryLedger
-from .modules import fuse_gate_up, gate_up_storage, halves
+from .modules import fuse_gate_up, fuse_shared_input, fused_storage, row_parts
 from .pipeline import Request
 from .quantize import BLOCK, FP8_DTYPE, quantize_blocks, quantize_rows_into, scale_from_amax, tensor_amax
 from .report import progress_bar
@@ -159,37 +159,48 @@ def _schedule(src: Source, work: list[tuple[_Target, _Chunks]]) -> list[tuple[tu
     return out
 
 
-class _GateUpStorage:
-    """The gate and up weights of each gated MLP (modules.gated_mlps) go into the two halves of one storage,
-    allocated when the first of them is loaded (no copy, no extra bytes); after the load, fuse() makes each MLP
-    run them as one GEMM."""
+class _FusedStorage:
+    """Sibling FP8Linears that run as one GEMM share one storage, each part its rows (modules.fused_storage): the gate
+    and up of each gated MLP (modules.gated_mlps), the q, k and v of each attention (modules.qkv_groups). Allocated
+    when the first part is loaded (no copy, no extra bytes); after the load, fuse() makes them run as one GEMM."""
 
-    def __init__(self, mlps: list[nn.Module]):
-        self._half_of = {id(m.gate_proj): (m, 0) for m in mlps} | {id(m.up_proj): (m, 1) for m in mlps}
-        self._whole: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, mlps: list[nn.Module], qkv: list[tuple[nn.Module, ...]]):
+        groups = [(m, (m.gate_proj, m.up_proj)) for m in mlps] + [(None, parts) for parts in qkv]
+        self._part_of = {id(p): (g, i) for g, (_, parts) in enumerate(groups) for i, p in enumerate(parts)}
+        self._groups = groups
+        self._storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def take(self, module: nn.Module, ledger: MemoryLedger, device: torch.device):
-        hit = self._half_of.get(id(module))
+        hit = self._part_of.get(id(module))
         if hit is None:
             return None
-        mlp, i = hit
-        if id(mlp) not in self._whole:
-            w, s = gate_up_storage(mlp, device)
+        g, i = hit
+        parts = self._groups[g][1]
+        if g not in self._storage:
+            w, s = fused_storage(parts, device)
             ledger.add_final(w.nbytes + s.nbytes)
-            self._whole[id(mlp)] = (mlp, w, s)
-        _, w, s = self._whole[id(mlp)]
-        return halves(w)[i], halves(s)[i]
+            self._storage[g] = (w, s)
+        w, s = self._storage[g]
+        return row_parts(w, parts)[i], row_parts(s, parts)[i]
 
-    def fuse(self) -> int:
-        return sum(fuse_gate_up(mlp, w, s) for mlp, w, s in self._whole.values())
+    def fuse(self) -> tuple[int, int]:
+        """(gated MLPs, shared-input groups) fused."""
+        mlps = qkv = 0
+        for g, (mlp, parts) in enumerate(self._groups):
+            if g in self._storage:
+                if mlp is not None:
+                    mlps += fuse_gate_up(mlp, *self._storage[g])
+                else:
+                    qkv += fuse_shared_input(parts, *self._storage[g])
+        return mlps, qkv
 
 
-def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device, gate_up: _GateUpStorage | None = None):
-    """The final storage of an FP8 parameter and its scales, allocated once at full size (a gated MLP's gate and
-    up: the halves of one storage, see _GateUpStorage)."""
+def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device, fused: _FusedStorage | None = None):
+    """The final storage of an FP8 parameter and its scales, allocated once at full size (siblings that run as one
+    GEMM, a gated MLP's gate and up or an attention's q, k and v: their rows of one storage, see _FusedStorage)."""
     shape = tuple(t.module._parameters[t.attr].shape)
-    ws = gate_up.take(t.module, ledger, device) if gate_up is not None else None
-    if t.live:  # reload: the loaded weight and scales themselves (a fused gate/up half is a view of its storage)
+    ws = fused.take(t.module, ledger, device) if fused is not None else None
+    if t.live:  # reload: the loaded weight and scales themselves (a fused part is a view of its storage)
         w, s = t.module._parameters[t.attr], t.module._parameters[t.scale_attr]
     elif ws is not None:
         w, s = ws
@@ -201,8 +212,8 @@ def _alloc_fp8(t: _Target, ledger: MemoryLedger, device: torch.device, gate_up: 
 
 
 def _load_quantized(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger, scheme: str, device: torch.device,
-                    gate_up: _GateUpStorage | None = None):
-    w, s, n, k, flat = _alloc_fp8(t, ledger, device, gate_up)
+                    fused: _FusedStorage | None = None):
+    w, s, n, k, flat = _alloc_fp8(t, ledger, device, fused)
     w_flat = w.view(flat, k)
     itemsize = src.itemsize(t.plan)
     block = scheme == "fp8_per_block"
@@ -363,9 +374,9 @@ def _raise_kept_non_finite(t: _Target, src: Source, dst_flat, flat: int, width, 
 
 
 def _load_prequantized(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger, scheme: str, device: torch.device, scales: list,
-                       gate_up: _GateUpStorage | None = None) -> None:
+                       fused: _FusedStorage | None = None) -> None:
     """FP8 rows of a pre-quantized checkpoint copied as they are into the final storage; scales placed as planned."""
-    w, s, n, k, flat = _alloc_fp8(t, ledger, device, gate_up)
+    w, s, n, k, flat = _alloc_fp8(t, ledger, device, fused)
     w_flat = w.view(flat, k)
     for d0, d1 in c.rows:
         ledger.stage((d1 - d0) * k)
@@ -390,17 +401,17 @@ def _load_prequantized(t: _Target, c: _Chunks, src: Source, ledger: MemoryLedger
 
 
 def stream_weights(work: list[tuple[_Target, _Chunks]], src: Source, ledger: MemoryLedger, scheme: str, dtype: torch.dtype,
-                   device: torch.device, scales: dict[str, list], gate_up: _GateUpStorage | None, progress: bool) -> tuple[int, int]:
+                   device: torch.device, scales: dict[str, list], fused: _FusedStorage | None, progress: bool) -> tuple[int, int]:
     """Fill every target, in order, from `src` (whose schedule was built from the same `work`). Returns the
     (quantized, kept) tensor counts. NaN / Inf anywhere raises, naming the checkpoint tensor, before it returns."""
     n_quant = n_kept = 0
     checks = []  # (device flag: all finite, raises the one-line error naming the tensor)
     for t, chunks in progress_bar(work, desc="fp8stream", unit="tensor", disable=not progress, leave=False):
         if t.name in scales:
-            _load_prequantized(t, chunks, src, ledger, scheme, device, scales[t.name], gate_up)
+            _load_prequantized(t, chunks, src, ledger, scheme, device, scales[t.name], fused)
             n_quant += 1
         elif t.scale_attr is not None:
-            checks.append(_load_quantized(t, chunks, src, ledger, scheme, device, gate_up))
+            checks.append(_load_quantized(t, chunks, src, ledger, scheme, device, fused))
             n_quant += 1
         else:
             checks.append(_load_kept(t, chunks, src, ledger, dtype, device))
