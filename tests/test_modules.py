@@ -142,14 +142,15 @@ class _Inherited(_Canonical):  # no forward of its own: the canonical parent's i
 
 def _fp8_mlp(cls, scheme, h=64, i=128, act=None, device="cpu", dtype=torch.float32):
     """cls with FP8 gate / up / down in one gate|up storage, as the loader leaves a gated MLP; and whether it fused."""
-    from fp8stream.modules import fuse_gate_up, gate_up_storage, halves
+    from fp8stream.modules import fuse_gate_up, fused_storage, row_parts
 
     torch.manual_seed(0)
     src = cls(h, i, act)
     m = cls(h, i, act)
     replace_with_fp8(m, scheme, [], dtype)
-    w, s = gate_up_storage(m, device)
-    for name, (wh, sh) in zip(("gate_proj", "up_proj"), zip(halves(w), halves(s))):
+    parts = (m.gate_proj, m.up_proj)
+    w, s = fused_storage(parts, device)
+    for name, (wh, sh) in zip(("gate_proj", "up_proj"), zip(row_parts(w, parts), row_parts(s, parts))):
         q, qs = _quantize_weight(getattr(src, name).weight.detach(), scheme)
         wh.copy_(q)
         sh.copy_(qs.reshape(sh.shape))

@@ -125,18 +125,8 @@ def row_parts(t: torch.Tensor, parts: tuple[FP8Linear, ...]) -> list[torch.Tenso
     return list(t.split([p.out_features // unit for p in parts]))
 
 
-def gate_up_storage(mlp: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A gated MLP's gate and up weights as one [2N, K] weight and its scales (fused_storage)."""
-    return fused_storage((mlp.gate_proj, mlp.up_proj), device)
-
-
-def halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = t.shape[0] // 2
-    return t[:n], t[n:]
-
-
 def fuse_gate_up(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    """If mlp's loaded gate and up parameters are the two halves of (weight, weight_scale) (gate_up_storage), make its
+    """If mlp's loaded gate and up parameters are the two halves of (weight, weight_scale) (fused_storage), make its
     forward run them as one GEMM and fuse silu(gate) * up into the down projection's activation quantization.
     Same function (the same quantization of the same inputs); fewer, larger kernels. False if they are not."""
     if not _halves_of(mlp, weight, weight_scale):
