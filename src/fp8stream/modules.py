@@ -1,6 +1,7 @@
 """FP8Linear (in place of nn.Linear and transformers' Conv1D), the gated-MLP fusion (gate_proj and up_proj as one GEMM),
-the shared-input fusion (an attention's q_proj, k_proj and v_proj as one GEMM), and the function that swaps FP8 modules into a meta-device model (FP8Linear, or one of experts.py's modules for
-transformers' fused MoE experts), with the coverage report of what it swapped.
+the shared-input fusion (an attention's q_proj, k_proj and v_proj as one GEMM), and the function that swaps FP8
+modules into a meta-device model (FP8Linear, or one of experts.py's modules for transformers' fused MoE experts), with
+the coverage report of what it swapped.
 
 The weight and scale layouts and the FP8 matmul (fast CUDA paths of kernels.py, float32 reference elsewhere) are
 _fp8_linear.py's.
@@ -154,10 +155,18 @@ def _halves_of(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tensor)
 
 
 def _parts_of(parts: tuple[FP8Linear, ...], weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    """True when the parts' weights and scales are, in order, the row_parts of (weight, weight_scale)."""
-    return all(p.data_ptr() == v.data_ptr() and p.shape == v.shape
-               for whole, attr in ((weight, "weight"), (weight_scale, "weight_scale"))
-               for p, v in zip((getattr(m, attr) for m in parts), row_parts(whole, parts)))
+    """True when the parts' weights and scales are, in order, the row_parts of (weight, weight_scale). Pointer
+    arithmetic only, no views made: every eager gated-MLP call checks it."""
+    for whole, attr in ((weight, "weight"), (weight_scale, "weight_scale")):
+        ptr, rows = whole.data_ptr(), 0
+        for m in parts:
+            t = getattr(m, attr)
+            if t.data_ptr() != ptr:
+                return False
+            ptr, rows = ptr + t.nbytes, rows + t.shape[0]
+        if rows != whole.shape[0]:
+            return False
+    return True
 
 
 def _hooked(m: nn.Module) -> bool:
