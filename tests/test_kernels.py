@@ -148,8 +148,8 @@ def test_experts_reference_matches_float64_with_empty_experts(scheme, t):
 @pytest.mark.parametrize("t", [1, 3, 8, 40])
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 def test_grouped_experts_logic_matches_loop(scheme, t, act):
-    """The CUDA experts algorithm (sort, searchsorted bounds, fold routing weights, index_copy + sum), run
-    on the CPU with a torch grouped GEMM, equals the per-expert reference loop."""
+    """The CUDA experts algorithm (sort, searchsorted bounds, fold routing weights, rows back in (token, slot) order +
+    sum), run on the CPU with a torch grouped GEMM, equals the per-expert reference loop."""
     torch.manual_seed(100 + t)
     m = _experts(8, 64, 48, scheme, act=nn.SiLU() if act == "silu" else nn.GELU())
     x = torch.randn(t, 64)
@@ -161,6 +161,22 @@ def test_grouped_experts_logic_matches_loop(scheme, t, act):
     assert _rel(fast, ref) < 1e-5
     assert _rel(fast, _experts_ref64(m, x, idx, wts)) < 1e-5
 
+
+
+@pytest.mark.parametrize("scheme", ["fp8_per_channel", "fp8_per_tensor"])
+def test_grouped_experts_sort_more_experts_than_uint8_holds(scheme):
+    """Expert ids are sorted in the narrowest integer type: 300 experts take int16 keys; ids above 255 (which
+    uint8 would wrap) must route to their own experts, and the per-tensor path's amax per group still indexes right."""
+    torch.manual_seed(7)
+    e = 300
+    m = _experts(e, 32, 16, scheme)
+    t = K.MOE_GEMV_MAX_T + 12  # above the decode rule: the sorted grouped path
+    idx = torch.stack([torch.tensor([250 + i % 50, i % 7]) for i in range(t)])  # ids 250-299 and 0-6
+    wts = torch.rand(t, 2).softmax(-1)
+    x = torch.randn(t, 32)
+    fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
+                          m.act_fn, scheme, K.Caps(torch_grouped=True))
+    assert _rel(fast, m.reference_forward(x, idx, wts)) < 1e-5
 
 def test_caps_are_a_compile_time_constant_without_importing_dynamo():
     """kernels marks the capability probe the way torch.compiler.assume_constant_result does, without
@@ -310,6 +326,12 @@ def test_tma_gemm_in_interpreter():
     got = K._launch_gemm_tma(qx, sx.view(-1), qw, sw, None, starts, ends, torch.float32, (32, 64, 64, 4, 2))
     want = K._launch_gemm(qx, sx.view(-1), qw, sw, None, starts, ends, False, torch.float32, (32, 64, 64, 4, 2))
     assert _rel(got, want) < 1e-6
+    # out_rows: each kernel stores product row r as output row out_rows[r] (the MoE down GEMM's combine order)
+    perm = torch.randperm(sum(counts))
+    got_rows = K._launch_gemm_tma(qx, sx.view(-1), qw, sw, None, starts, ends, torch.float32, (32, 64, 64, 4, 2), perm)
+    want_rows = K._launch_gemm(qx, sx.view(-1), qw, sw, None, starts, ends, False, torch.float32, (32, 64, 64, 4, 2),
+                               out_rows=perm)
+    assert torch.equal(got_rows[perm], got) and torch.equal(want_rows[perm], want)
 
 
 @pytest.mark.skipif(not _triton_interpretable(), reason="needs triton and TRITON_INTERPRET=1 (CPU interpreter)")

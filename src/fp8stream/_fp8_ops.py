@@ -124,13 +124,11 @@ def quant_triton(x: torch.Tensor, mode: str, *, idx: torch.Tensor | None = None,
 
 
 def _row_tiles(starts, ends, rows: int, e: int, bm: int, grouped: bool, unused: torch.Tensor):
-    """(starts, ends, tile_end, grid rows) for the GEMM kernels' row tiles: grouped, tile_end is the inclusive cumsum of
-    each group's ceil(rows / bm) (on the device, no sync) and the grid an upper bound (+1 tile per group); dense, the
-    group tensors are unused placeholders."""
+    """(starts, ends, grid rows) for the GEMM kernels' row tiles: grouped, the grid is an upper bound of the tiles
+    (+1 per group; the kernel numbers them from the group bounds); dense, the group tensors are unused placeholders."""
     if not grouped:
-        return unused, unused, unused, -(-rows // bm)
-    tiles = torch.div(ends - starts + (bm - 1), bm, rounding_mode="floor")
-    return starts, ends, torch.cumsum(tiles, 0, dtype=torch.int32), -(-rows // bm) + e
+        return unused, unused, -(-rows // bm)
+    return starts, ends, -(-rows // bm) + e
 
 
 # Grouped rowwise GEMMs of prefill size (groups average > 64 rows) on Hopper: the TMA kernel with 128 x 256 x 128
@@ -140,7 +138,7 @@ _TMA_CONFIG = (128, 256, 128, 8, 4)
 
 
 def _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype,
-                     config: tuple[int, int, int, int, int]) -> torch.Tensor:
+                     config: tuple[int, int, int, int, int], out_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Rowwise fp8_gemm_tma_kernel (Hopper TMA loads); same contract as _launch_gemm without block scales; a and b
     contiguous (a descriptor needs 16-byte row strides: K % 16 == 0)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -156,12 +154,13 @@ def _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype,
     bm, bn, bk, warps, stages = config
     a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
     b_desc = TensorDescriptor.from_tensor(b.reshape(e * n, k), [bn, bk])
-    starts, ends, tile_end, grid_m = _row_tiles(starts, ends, rows, e, bm, grouped, a_scale)
+    starts, ends, grid_m = _row_tiles(starts, ends, rows, e, bm, grouped, a_scale)
     sb = b_scale if grouped else b_scale.unsqueeze(0)
     tk.fp8_gemm_tma_kernel[(grid_m, -(-n // bn))](
-        a_desc, a_scale, b_desc, sb, out, bias if bias is not None else out, starts, ends, tile_end,
-        rows, n, k, e, a_scale.stride(0), sb.stride(0), sb.stride(1), out.stride(0),
-        GROUPED=grouped, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, E_P2=_pow2(e),
+        a_desc, a_scale, b_desc, sb, out, bias if bias is not None else out, starts, ends,
+        out_rows if out_rows is not None else out, rows, n, k, e, a_scale.stride(0), sb.stride(0), sb.stride(1),
+        out.stride(0), GROUPED=grouped, HAS_BIAS=bias is not None, SCATTER=out_rows is not None, BM=bm, BN=bn, BK=bk,
+        E_P2=_pow2(e),
         num_warps=warps, num_stages=stages)
     return out
 

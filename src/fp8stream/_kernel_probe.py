@@ -253,7 +253,9 @@ def _gemm_config(rows: int, groups: int, n: int, sms: int, blockwise: bool = Fal
 
 
 def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, out_dtype,
-                 config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+                 config: tuple[int, int, int, int, int] | None = None, out_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """See grouped_gemm; out_rows [M] (a permutation of 0..M-1, grouped only): row r of the product is stored as
+    output row out_rows[r]."""
     tk = triton_kernels()
     rows, k = a.shape
     grouped = b.dim() == 3
@@ -261,12 +263,12 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
     n = b.shape[-2]
     if (config is None and grouped and not blockwise and rows > 64 * min(e, rows) and b.is_contiguous()
             and a.is_contiguous() and a.is_cuda and caps(a.device).triton_tma):
-        return _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype, _TMA_CONFIG)
+        return _launch_gemm_tma(a, a_scale, b, b_scale, bias, starts, ends, out_dtype, _TMA_CONFIG, out_rows)
     out = torch.empty(rows, n, device=a.device, dtype=out_dtype)
     if rows == 0:
         return out
     bm, bn, bk, warps, stages = config or _gemm_config(rows, e, n, _sm_count(a.device), blockwise)
-    starts, ends, tile_end, grid_m = _row_tiles(starts, ends, rows, e, bm, grouped, a_scale)
+    starts, ends, grid_m = _row_tiles(starts, ends, rows, e, bm, grouped, a_scale)
     if blockwise:
         sa_m, sa_k = a_scale.stride(0), a_scale.stride(1)
         sb = b_scale if grouped else b_scale.unsqueeze(0)
@@ -275,13 +277,13 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
         sb = (b_scale if grouped else b_scale.unsqueeze(0)).unsqueeze(-1)
     bb = b if grouped else b.unsqueeze(0)
     tk.fp8_gemm_kernel[(grid_m, -(-n // bn))](
-        a, a_scale, bb, sb, out, bias if bias is not None else out, starts, ends, tile_end,
-        rows, n, k, e,
+        a, a_scale, bb, sb, out, bias if bias is not None else out, starts, ends,
+        out_rows if out_rows is not None else out, rows, n, k, e,
         a.stride(0), sa_m, sa_k,
         bb.stride(0), bb.stride(1), bb.stride(2),
         sb.stride(0), sb.stride(1), sb.stride(2),
         out.stride(0),
-        GROUPED=grouped, BLOCKWISE=blockwise, HAS_BIAS=bias is not None,
+        GROUPED=grouped, BLOCKWISE=blockwise, HAS_BIAS=bias is not None, SCATTER=out_rows is not None,
         BM=bm, BN=bn, BK=bk, E_P2=_pow2(e), num_warps=warps, num_stages=stages)
     return out
 
@@ -289,21 +291,23 @@ def _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise: bool, ou
 @_op("fp8_gemm")
 def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                  bias: torch.Tensor | None, starts: torch.Tensor, ends: torch.Tensor, blockwise: bool,
-                 out_dtype: str) -> torch.Tensor:
-    return _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise, _DTYPES[out_dtype])
+                 out_dtype: str, out_rows: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise, _DTYPES[out_dtype], out_rows=out_rows)
 
 
 @_fake("fp8_gemm")
-def _(a, a_scale, b, b_scale, bias, starts, ends, blockwise, out_dtype):
+def _(a, a_scale, b, b_scale, bias, starts, ends, blockwise, out_dtype, out_rows=None):
     return a.new_empty(a.shape[0], b.shape[-2], dtype=_DTYPES[out_dtype])
 
 
-def grouped_gemm(a, a_scale, b, b_scale, starts, ends, blockwise: bool, out_dtype, bias=None) -> torch.Tensor:
-    """Triton FP8 GEMM. Dense: b [N, K]; grouped: b [E, N, K], rows of `a` sorted by group, [starts, ends).
-    Scales: rowwise a_scale [M], b_scale [(E,) N]; blockwise a_scale [M, K/128] (any strides),
-    b_scale [(E,) N/128, K/128]. Called through a custom op under torch.compile (opaque, no graph break)."""
+def grouped_gemm(a, a_scale, b, b_scale, starts, ends, blockwise: bool, out_dtype, bias=None,
+                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton FP8 GEMM. Dense: b [N, K]; grouped: b [E, N, K], rows of `a` sorted by group, [starts, ends); with
+    out_rows (grouped), row r of the product lands in output row out_rows[r]. Scales: rowwise a_scale [M],
+    b_scale [(E,) N]; blockwise a_scale [M, K/128] (any strides), b_scale [(E,) N/128, K/128]. Called through a
+    custom op under torch.compile (opaque, no graph break)."""
     if torch.compiler.is_compiling():
         dummy = a_scale if starts is None else None
         return _fp8_gemm_op(a, a_scale, b, b_scale, bias, starts if starts is not None else dummy,
-                            ends if ends is not None else dummy, blockwise, str(out_dtype).split(".")[-1])
-    return _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise, out_dtype)
+                            ends if ends is not None else dummy, blockwise, str(out_dtype).split(".")[-1], out_rows)
+    return _launch_gemm(a, a_scale, b, b_scale, bias, starts, ends, blockwise, out_dtype, out_rows=out_rows)

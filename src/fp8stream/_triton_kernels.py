@@ -112,21 +112,27 @@ def quant_groups_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, K, G, stride_xm, stride_qm
 
 
 @triton.jit
-def _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED: tl.constexpr, BM: tl.constexpr,
-              E_P2: tl.constexpr):
+def _row_tile(pid_m, starts_ptr, ends_ptr, M, E, GROUPED: tl.constexpr, BM: tl.constexpr, E_P2: tl.constexpr):
     # (group e, first row m0, end of the rows the tile may store, whether program pid_m has a tile). Grouped: tiles of
-    # each group are numbered consecutively; tile_end is the inclusive cumsum of ceil(rows_e / BM). The grid has an
-    # upper bound of tiles; programs past the last one have none (their e is clamped so the loads stay in bounds).
+    # each group are numbered consecutively, group e's ending at the inclusive cumsum of ceil(rows / BM) up to e,
+    # computed here from the group bounds (E_P2 values in registers) rather than by torch ops before the launch (four
+    # launches of host time per GEMM). The grid has an upper bound of tiles; programs past the last one have none
+    # (their e is clamped so the loads stay in bounds).
     if GROUPED:
         es = tl.arange(0, E_P2)
-        t_end = tl.load(tile_end_ptr + es, mask=es < E, other=2147483647)
+        in_e = es < E
+        g_start = tl.load(starts_ptr + es, mask=in_e, other=0)
+        g_end = tl.load(ends_ptr + es, mask=in_e, other=0)
+        tiles = (g_end - g_start + BM - 1) // BM
+        t_end = tl.where(in_e, tl.cumsum(tiles, axis=0), 2147483647)
         e = tl.sum((t_end <= pid_m).to(tl.int32), axis=0)
         has_tile = e < E
         e = tl.minimum(e, E - 1)
-        row_start = tl.load(starts_ptr + e)
-        row_end = tl.load(ends_ptr + e)
-        n_tiles = (row_end - row_start + BM - 1) // BM
-        m0 = row_start + (pid_m - (tl.load(tile_end_ptr + e) - n_tiles)) * BM
+        here = es == e
+        row_start = tl.sum(tl.where(here, g_start, 0), axis=0)
+        row_end = tl.sum(tl.where(here, g_end, 0), axis=0)
+        first_tile = tl.sum(tl.where(here, t_end - tiles, 0), axis=0)
+        m0 = row_start + (pid_m - first_tile) * BM
     else:
         e = pid_m * 0
         has_tile = pid_m >= 0
@@ -137,9 +143,10 @@ def _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED: tl.const
 
 @triton.jit
 def _store_tile(acc, rm, rn, row_end, N, e, as_ptr, stride_as_m, bs_ptr, stride_bs_e, stride_bs_n, bias_ptr, c_ptr,
-                stride_cm, ROW_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr):
+                stride_cm, out_rows_ptr, ROW_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr):
     # The GEMMs' epilogue: rowwise scales (ROW_SCALES; block scales were applied per K step), bias, masked store of
-    # rows [.., row_end) and columns [.., N) of the tile.
+    # rows [.., row_end) and columns [.., N) of the tile; with SCATTER, row r goes to output row out_rows[r] (an MoE's
+    # down GEMM writes its rows back in (token, slot) order: no separate index_copy pass over the output).
     mask_m = rm < row_end
     mask_n = rn < N
     rm64 = rm.to(tl.int64)
@@ -149,22 +156,24 @@ def _store_tile(acc, rm, rn, row_end, N, e, as_ptr, stride_as_m, bs_ptr, stride_
         acc = acc * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SCATTER:
+        rm64 = tl.load(out_rows_ptr + rm64, mask=mask_m, other=0).to(tl.int64)
     tl.store(c_ptr + rm64[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, tile_end_ptr,
+def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, out_rows_ptr,
                     M, N, K, E,
                     stride_am, stride_as_m, stride_as_k,
                     stride_be, stride_bn, stride_bk,
                     stride_bs_e, stride_bs_n, stride_bs_k,
                     stride_cm,
-                    GROUPED: tl.constexpr, BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    GROUPED: tl.constexpr, BLOCKWISE: tl.constexpr, HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e, m0, row_end, has_tile = _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED, BM, E_P2)
+    e, m0, row_end, has_tile = _row_tile(pid_m, starts_ptr, ends_ptr, M, E, GROUPED, BM, E_P2)
     if not has_tile:
         return
     rm = m0 + tl.arange(0, BM)
@@ -191,7 +200,7 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, starts_ptr, e
         a_ptrs += BK
         b_ptrs += BK * stride_bk
     _store_tile(acc, rm, rn, row_end, N, e, as_ptr, stride_as_m, bs_ptr, stride_bs_e, stride_bs_n, bias_ptr, c_ptr,
-                stride_cm, not BLOCKWISE, HAS_BIAS)
+                stride_cm, out_rows_ptr, not BLOCKWISE, HAS_BIAS, SCATTER)
 
 
 
@@ -300,16 +309,16 @@ def fp8_gemv1_kernel(x_ptr, eid_ptr, rw_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N
 
 
 @triton.jit
-def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, tile_end_ptr,
+def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_ptr, ends_ptr, out_rows_ptr,
                         M, N, K, E, stride_as_m, stride_bs_e, stride_bs_n, stride_cm,
-                        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr):
     # fp8_gemm_kernel (rowwise scales) with A and B tiles loaded by the Tensor Memory Accelerator (Hopper): A through
     # a descriptor over [M, K], B over [E * N, K]. A tile may run past its group's rows or an expert's N rows into
     # the next ones (in bounds of the whole tensor, zeros past it): those rows / columns are computed and not stored.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e, m0, row_end, has_tile = _row_tile(pid_m, tile_end_ptr, starts_ptr, ends_ptr, M, E, GROUPED, BM, E_P2)
+    e, m0, row_end, has_tile = _row_tile(pid_m, starts_ptr, ends_ptr, M, E, GROUPED, BM, E_P2)
     if not has_tile:
         return
     n0 = pid_n * BN
@@ -319,7 +328,7 @@ def fp8_gemm_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, bias_ptr, starts_
         b = b_desc.load([e * N + n0, k0])
         acc = tl.dot(a, b.T, acc)
     _store_tile(acc, m0 + tl.arange(0, BM), n0 + tl.arange(0, BN), row_end, N, e, as_ptr, stride_as_m, bs_ptr,
-                stride_bs_e, stride_bs_n, bias_ptr, c_ptr, stride_cm, True, HAS_BIAS)
+                stride_bs_e, stride_bs_n, bias_ptr, c_ptr, stride_cm, out_rows_ptr, True, HAS_BIAS, SCATTER)
 
 
 @triton.jit

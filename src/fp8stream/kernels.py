@@ -17,7 +17,7 @@ only faster:
   MoE per-channel/tensor   sort by expert, the Triton grouped GEMM for gate_up and down (TMA loads on Hopper
                            for groups of prefill size; without Triton:
                            torch._scaled_grouped_mm), routing weight folded into the down GEMM's row
-                           scales, combine by index_copy + sum                                         per-expert loop
+                           scales, the down GEMM storing its rows in (token, slot) order, then a sum   per-expert loop
   MoE per-block            the same with block scales in the Triton grouped GEMM
   Linear, <= GEMV_MAX_M    (decode) no activation quantization: the Triton GEMM widens the FP8 weight    dequantize + matmul
   rows (16)                in registers (W8A16), one kernel (one row: CUDA cores; more: tensor cores);
