@@ -57,7 +57,8 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
         else:
             qx, sx = _quant_torch(x[token_of], "group")
     elif scheme == "fp8_per_tensor":  # one scale per GEMM input of each expert (as the per-expert reference)
-        amax_rows = _segment_amax(torch.linalg.vector_norm(x, float("inf"), dim=-1).float()[token_of], sorted_ids, e)
+        group_of_row = sorted_ids.long()  # an index, not a uint8 mask
+        amax_rows = _segment_amax(torch.linalg.vector_norm(x, float("inf"), dim=-1).float()[token_of], group_of_row, e)
         if eager_triton:
             qx, sx = quant_triton(x, "row", idx=token_of, amax=amax_rows)
         else:
@@ -87,7 +88,7 @@ def experts_fast(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torc
         rw32 = top_k_weights.reshape(-1)[perm].float()
         if scheme == "fp8_per_tensor":
             hmid = _act_mul(gate_up, act_fn, inter)
-            amax_rows = _segment_amax(torch.linalg.vector_norm(hmid, float("inf"), dim=-1).float(), sorted_ids, e)
+            amax_rows = _segment_amax(torch.linalg.vector_norm(hmid, float("inf"), dim=-1).float(), group_of_row, e)
             if eager_triton:
                 qh, sh = quant_triton(hmid, "row", amax=amax_rows, row_weight=rw32)
             else:
@@ -168,12 +169,11 @@ def _grouped_torch(q, s, w, ws, ends, blockwise: bool) -> torch.Tensor:
     return _pairs_torch(a, group_of_row, w, ws, scheme)
 
 
-def _segment_amax(amax_rows: torch.Tensor, sorted_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Every row gets the amax of its group (rows sorted by group)."""
-    index = sorted_ids.long()  # a uint8 index tensor would be read as a mask
+def _segment_amax(amax_rows: torch.Tensor, group_of_row: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Every row gets the amax of its group (group_of_row: int64, rows sorted by group)."""
     g = torch.zeros(num_groups, device=amax_rows.device, dtype=amax_rows.dtype)
-    g = g.scatter_reduce(0, index, amax_rows, reduce="amax", include_self=True)
-    return g[index]
+    g = g.scatter_reduce(0, group_of_row, amax_rows, reduce="amax", include_self=True)
+    return g[group_of_row]
 
 
 def _act_mul(gate_up: torch.Tensor, act_fn, inter: int) -> torch.Tensor:

@@ -132,17 +132,22 @@ def fuse_gate_up(mlp: nn.Module, weight: torch.Tensor, weight_scale: torch.Tenso
     Same function (the same quantization of the same inputs); fewer, larger kernels. False if they are not."""
     if not _halves_of(mlp, weight, weight_scale):
         return False
-    for t in (weight, weight_scale):
-        # Not a parameter or buffer: marked static for CUDA graphs (no per-replay copy of a graph input), as
-        # torch._dynamo.mark_static_address(t) marks it, without importing dynamo in a load (unguarded: one compiled
-        # layer serves every layer's weights).
-        setattr(t, STATIC_ADDRESS_MARK, "unguarded")
+    _mark_static(weight, weight_scale)
     mlp.fp8_gate_up = GateUp(weight, weight_scale)
     mlp.forward = types.MethodType(_gated_forward, mlp)
     return True
 
 
 STATIC_ADDRESS_MARK = "_dynamo_static_input_type"  # tests/test_modules.py checks that mark_static_address sets it
+
+
+def _mark_static(*tensors: torch.Tensor | None) -> None:
+    # A fused storage is not a parameter or buffer: marked static for CUDA graphs (no per-replay copy of a graph
+    # input), as torch._dynamo.mark_static_address(t) marks it, without importing dynamo in a load (unguarded: one
+    # compiled layer serves every layer's weights).
+    for t in tensors:
+        if t is not None:
+            setattr(t, STATIC_ADDRESS_MARK, "unguarded")
 
 
 class GateUp(NamedTuple):
@@ -225,9 +230,7 @@ def fuse_shared_input(parts: tuple[FP8Linear, ...], weight: torch.Tensor, weight
         for p, b in zip(parts, bias.split([p.out_features for p in parts])):
             p.bias.data = b
     group = SharedInput(parts, weight, weight_scale, bias)
-    for t in (weight, weight_scale, bias):
-        if t is not None:
-            setattr(t, STATIC_ADDRESS_MARK, "unguarded")  # see fuse_gate_up
+    _mark_static(weight, weight_scale, bias)
     for i, p in enumerate(parts):
         p.fp8_shared = (group, i)
     return True
