@@ -1,4 +1,5 @@
-"""fp8stream's CLI in this process, with test-only faults, then a report of the threads left (test_lifecycle.py).
+"""fp8stream's CLI (console_main, as the installed script runs it) in this process, with test-only faults, then a
+report of the threads left (test_lifecycle.py).
 
 argv: the CLI's arguments; "{rank}" in them becomes this process's RANK (one rank can be given a bad checkpoint).
 Environment (all optional):
@@ -50,10 +51,10 @@ def _threads() -> dict:
 
 def main() -> int:
     _faults()
-    from fp8stream.cli import main as cli_main
+    from fp8stream.cli import console_main  # what the `fp8stream` script runs (its exit skips the collector's passes)
 
     rank = os.environ.get("RANK", "0")
-    rc = cli_main([a.replace("{rank}", rank) for a in sys.argv[1:]])
+    rc = console_main([a.replace("{rank}", rank) for a in sys.argv[1:]])
     # one write, newline included: two ranks share torchrun's stderr, and print() writes the end separately
     sys.stderr.write(f"cli_worker: threads {json.dumps(_threads())}\n")
     sys.stderr.flush()
