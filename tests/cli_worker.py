@@ -10,6 +10,7 @@ stderr gets "cli_worker: reading" when the first read starts, and last "cli_work
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -50,6 +51,9 @@ def _threads() -> dict:
 
 
 def main() -> int:
+    # Ctrl-C as from a terminal, however the test run was started: a shell's background job (`pytest ... &`) starts
+    # with SIGINT ignored, Python then keeps it ignored, and every child would run its load to the end
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _faults()
     from fp8stream.cli import console_main  # what the `fp8stream` script runs (its exit skips the collector's passes)
 
