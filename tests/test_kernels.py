@@ -162,7 +162,6 @@ def test_grouped_experts_logic_matches_loop(scheme, t, act):
     assert _rel(fast, _experts_ref64(m, x, idx, wts)) < 1e-5
 
 
-
 @pytest.mark.parametrize("scheme", ["fp8_per_channel", "fp8_per_tensor"])
 def test_grouped_experts_sort_more_experts_than_uint8_holds(scheme):
     """Expert ids are sorted in the narrowest integer type: 300 experts take int16 keys; ids above 255 (which
@@ -177,6 +176,7 @@ def test_grouped_experts_sort_more_experts_than_uint8_holds(scheme):
     fast = K.experts_fast(x, idx, wts, m.gate_up_proj, m.gate_up_proj_scale, m.down_proj, m.down_proj_scale,
                           m.act_fn, scheme, K.Caps(torch_grouped=True))
     assert _rel(fast, m.reference_forward(x, idx, wts)) < 1e-5
+
 
 def test_caps_are_a_compile_time_constant_without_importing_dynamo():
     """kernels marks the capability probe the way torch.compiler.assume_constant_result does, without
